@@ -1,0 +1,152 @@
+"""Typed configs: YAML files plus dotted overrides, validated in one place.
+
+Every component declares its config as a `StrictModel` (pydantic, unknown keys
+refused). `load_config` reads a YAML file, applies `a.b.c=value` overrides (values
+parsed as YAML, so `lr=3e-4`, `flag=true`, `items=[1,2]` work), validates, and turns any
+problem into one `ConfigError` line naming the field, the value and what is allowed.
+`save_resolved` writes the final config beside an output so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mop.errors import ConfigError
+from mop.fileio import atomic_write_text
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with each `dotted.key=value` applied.
+
+    Integer path parts index into lists (`sources.0.weight=0.5`).
+    """
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _step_into(node, part, ".".join(parts[: depth + 1]))
+        _assign(node, parts[-1], _parse_value(raw), key)
+    return data
+
+
+def _step_into(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        idx = _list_index(node, part, where)
+        return node[idx]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override path {where!r} goes through a non-mapping value")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _assign(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, part, key)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"override {key!r} goes through a non-mapping value")
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    try:
+        idx = int(part)
+    except ValueError:
+        raise ConfigError(f"override path {where!r}: {part!r} must be a list index") from None
+    if not -len(node) <= idx < len(node):
+        raise ConfigError(f"override path {where!r}: index {idx} out of range (len {len(node)})")
+    return idx
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `field 'a.b' = value: what is allowed`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        value = err.get("input")
+        msg = err.get("msg", "invalid")
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
+            lines.append(f"unknown config field '{loc}'")
+        elif kind == "missing":
+            lines.append(f"config field '{loc}' is required")
+        else:
+            shown = repr(value)
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            lines.append(f"config field '{loc}' = {shown}: {msg}")
+    return "; ".join(lines)
+
+
+def validate(cls: type[T], data: dict[str, Any]) -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> T:
+    """Read YAML (optional), apply dotted overrides, validate into `cls`."""
+    data = read_yaml(path) if path else {}
+    if overrides:
+        # Expand defaults first so an override can index into a default list or
+        # sub-config that the YAML file does not mention.
+        try:
+            data = cls.model_validate(data).model_dump(mode="json")
+        except ValidationError:
+            pass  # e.g. a required field that an override supplies; validated below
+    return validate(cls, apply_overrides(data, overrides))
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved(cfg: BaseModel, path: str | os.PathLike) -> None:
+    """Write the resolved config (atomic) so the output it sits beside can be reproduced."""
+    atomic_write_text(path, to_yaml(cfg))
