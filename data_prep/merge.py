@@ -1,0 +1,143 @@
+"""Merge step: per-unit fragments -> global manifest, mixture plan, validation sequences.
+
+Run once after all tokenize tasks (a single-task `tokenize` runs it by itself). It
+refuses to publish a manifest while any unit is missing or incomplete, and (by default)
+re-checks every shard's sha256 against its fragment.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.config import DataPrepConfig
+from data_prep.manifest import FORMAT, PLAN, fragment_path, write_manifest
+from data_prep.mixture import plan_mixture
+from data_prep.pipeline import list_work
+from data_prep.shards import ShardReader, ShardWriter, verify_shard
+from data_prep.tokenizer import load_tokenizer_dir
+from mop.errors import DataError
+from mop.fileio import atomic_write_json, read_json
+from mop.progress import progress
+
+VALIDATION_STEM = "validation/sequences"
+
+
+def merge(cfg: DataPrepConfig, verify: bool = True) -> dict:
+    out = Path(cfg.output_dir)
+    tok = load_tokenizer_dir(out)
+    work = list_work(cfg)
+    fragments, missing = [], []
+    for item in work:
+        path = fragment_path(out, item.label, item.unit)
+        frag = read_json(path) if path.is_file() else None
+        if frag is None or not frag.get("complete"):
+            missing.append(f"{item.label}/u{item.unit:05d}")
+            continue
+        if frag["tokenizer_sha256"] != tok.hash:
+            raise DataError(f"{path} was made with another tokenizer; re-tokenize into a new output_dir")
+        fragments.append(frag)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise DataError(
+            f"{len(missing)} of {len(work)} unit(s) not finished: {shown}; re-run the tokenize "
+            "task(s) that own them (finished units are skipped)"
+        )
+    shards = [s for frag in fragments for s in frag["shards"]]
+    if verify:
+        for rec in progress(shards, desc="verify", unit="shard"):
+            verify_shard(out / rec["path"], rec)
+
+    per_source: dict[str, dict] = {}
+    for src in cfg.sources:
+        frags = [f for f in fragments if f["source"] == src.label]
+        skipped: Counter = Counter()
+        for f in frags:
+            skipped.update(f["skipped"])
+        entry = {"source": src.source, "weight": src.weight, "units": len(frags)}
+        for split in ("train", "val"):
+            mine = [s for f in frags for s in f["shards"] if s["split"] == split]
+            entry[f"{split}_tokens"] = sum(s["tokens"] for s in mine)
+            entry[f"{split}_documents"] = sum(s["documents"] for s in mine)
+        entry["rows_skipped"] = dict(sorted(skipped.items()))
+        entry["decontaminated"] = sum(f["decontaminated"] for f in frags)
+        per_source[src.label] = entry
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_mixture(cfg, {k: v["train_tokens"] for k, v in per_source.items()})
+    for w in caught:
+        print(f"[merge] warning: {w.message}")
+    atomic_write_json(out / PLAN, plan)
+
+    validation = build_validation(cfg, out, shards, tok.token_dtype)
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": tok.meta(),
+        "sources": per_source,
+        "shards": shards,
+        "mixture_plan": PLAN,
+        "validation": validation,
+    }
+    write_manifest(out, manifest)
+    n_train = sum(v["train_tokens"] for v in per_source.values())
+    print(
+        f"[merge] {len(shards)} shard(s), {n_train:,} training tokens from {len(per_source)} "
+        f"source(s); validation {validation['num_sequences']} x {validation['seq_len']} tokens"
+    )
+    return manifest
+
+
+def _allocate(total: int, weights: list[float]) -> list[int]:
+    """Split `total` by weight with the largest-remainder rule (sums exactly to total)."""
+    wsum = sum(weights)
+    if wsum <= 0:
+        return [0] * len(weights)
+    raw = [total * w / wsum for w in weights]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def build_validation(cfg: DataPrepConfig, out: Path, shards: list[dict], dtype) -> dict:
+    """Fixed validation sequences cut from the held-out documents, mixed by source weight."""
+    vcfg = cfg.validation
+    labels = [s.label for s in cfg.sources]
+    wanted = _allocate(vcfg.num_sequences, [s.weight for s in cfg.sources])
+    writer = ShardWriter(out / VALIDATION_STEM, dtype)
+    per_source = {}
+    try:
+        for label, want in zip(labels, wanted):
+            got = 0
+            buf = np.zeros(0, dtype=dtype)
+            for rec in (s for s in shards if s["source"] == label and s["split"] == "val"):
+                if got >= want:
+                    break
+                reader = ShardReader(out / rec["path"], rec["dtype"])
+                buf = np.concatenate([buf, np.asarray(reader.tokens)])
+                while len(buf) >= vcfg.seq_len and got < want:
+                    writer.add(buf[: vcfg.seq_len])
+                    buf = buf[vcfg.seq_len :]
+                    got += 1
+            if got < want:
+                print(
+                    f"[merge] warning: source {label!r} has held-out tokens for {got} of "
+                    f"{want} validation sequences; raise validation.fraction"
+                )
+            per_source[label] = got
+        record = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return {
+        **record,
+        "path": VALIDATION_STEM,
+        "seq_len": vcfg.seq_len,
+        "num_sequences": record["documents"],
+        "per_source": per_source,
+    }

@@ -1,0 +1,207 @@
+"""Tokenise one input unit (one file / hub shard of one source) into packed shards.
+
+Resumable at shard granularity: after each shard is published, the unit's fragment
+(`parts/<label>/uNNNNN.json`) is rewritten atomically with the shards so far and the
+number of input rows consumed. A re-run skips complete units and continues a partial one
+from its last recorded row. Shard boundaries depend only on the rows, so the output is
+byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.config import DataPrepConfig, SourceConfig
+from data_prep.decontam import NgramIndex
+from data_prep.loading import Document, SkippedRow, open_source
+from data_prep.manifest import fragment_path, shard_relpath
+from data_prep.shards import ShardWriter
+from data_prep.tokenizer import TextTokenizer
+from mop.errors import DataError
+from mop.fileio import atomic_write_json, read_json, sha256_bytes
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class UnitResult:
+    label: str
+    unit: int
+    documents: int = 0
+    tokens: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    decontaminated: int = 0
+    resumed: bool = False
+    already_done: bool = False
+    seconds: float = 0.0
+
+
+def is_heldout(label: str, unit: int, row: int, fraction: float) -> bool:
+    """Deterministic held-out assignment from the document's identity alone (not order)."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{label}/{unit}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2.0**64
+
+
+def output_fingerprint(cfg: DataPrepConfig, source: SourceConfig, tok: TextTokenizer) -> str:
+    """Hash of everything that changes a unit's shards; a mismatch on resume is refused."""
+    parts = [
+        tok.hash,
+        source.model_dump_json(exclude={"weight"}),
+        cfg.shards.model_dump_json(exclude={"encode_batch_documents"}),
+        repr(cfg.validation.fraction),
+        cfg.decontamination.model_dump_json() if cfg.decontamination.enabled else "no-decontam",
+    ]
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def _new_state(source: SourceConfig, unit: int, fingerprint: str, tok: TextTokenizer) -> dict:
+    return {
+        "source": source.label,
+        "registry": source.source,
+        "unit": unit,
+        "fingerprint": fingerprint,
+        "tokenizer_sha256": tok.hash,
+        "rows_consumed": 0,
+        "next_shard": {s: 0 for s in SPLITS},
+        "shards": [],
+        "skipped": {},
+        "decontaminated": 0,
+        "complete": False,
+    }
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def tokenize_unit(
+    cfg: DataPrepConfig,
+    source: SourceConfig,
+    unit: int,
+    tok: TextTokenizer,
+    decontam: NgramIndex | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> UnitResult:
+    """Tokenise one unit, resuming from its fragment if a previous run was killed."""
+    out = Path(cfg.output_dir)
+    label = source.label
+    frag_path = fragment_path(out, label, unit)
+    fingerprint = output_fingerprint(cfg, source, tok)
+    result = UnitResult(label, unit)
+    t0 = time.perf_counter()
+
+    state = read_json(frag_path) if frag_path.is_file() else None
+    if state is not None:
+        if state.get("tokenizer_sha256") != tok.hash:
+            raise DataError(
+                f"{frag_path} was written with tokenizer {state.get('tokenizer_sha256', '?')[:12]}..."
+                f" but the output directory's tokenizer is {tok.hash[:12]}...: use a new output_dir"
+            )
+        if state.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{frag_path} was written with other settings (source, shard size, validation "
+                "fraction or decontamination changed): use a new output_dir or delete it"
+            )
+        if state["complete"]:
+            result.already_done = True
+            _fill_totals(result, state)
+            return result
+        result.resumed = state["rows_consumed"] > 0
+    else:
+        state = _new_state(source, unit, fingerprint, tok)
+    _remove_stale_temporaries(out, label, unit)
+
+    skipped = Counter(state["skipped"])
+    writers: dict[str, ShardWriter] = {}
+    eos = np.asarray([tok.eos_id])
+    start_row = state["rows_consumed"]
+
+    def checkpoint(rows_consumed: int, complete: bool) -> None:
+        for split in SPLITS:
+            writer = writers.pop(split, None)
+            if writer is None:
+                continue
+            record = writer.finish()
+            k = state["next_shard"][split]
+            state["shards"].append(
+                {
+                    **record,
+                    "path": shard_relpath(label, split, unit, k),
+                    "source": label,
+                    "split": split,
+                    "unit": unit,
+                }
+            )
+            state["next_shard"][split] = k + 1
+        state["rows_consumed"] = rows_consumed
+        state["skipped"] = dict(sorted(skipped.items()))
+        state["complete"] = complete
+        atomic_write_json(frag_path, state)
+
+    def writer_for(split: str) -> ShardWriter:
+        if split not in writers:
+            k = state["next_shard"][split]
+            writers[split] = ShardWriter(out / shard_relpath(label, split, unit, k), tok.token_dtype)
+        return writers[split]
+
+    handle = open_source(source)
+    items = (it for it in handle.iter_unit(unit) if it.row >= start_row)
+    last_row = start_row - 1
+    try:
+        for batch in _batched(items, cfg.shards.encode_batch_documents):
+            docs = [it for it in batch if isinstance(it, Document)]
+            encoded = iter(tok.encode_batch([d.text for d in docs])) if docs else iter(())
+            batch_tokens = 0
+            for item in batch:
+                last_row = item.row
+                if isinstance(item, SkippedRow):
+                    skipped[item.reason] += 1
+                    continue
+                ids = np.concatenate([np.asarray(next(encoded), dtype=np.int64), eos])
+                if decontam is not None and decontam.contaminated(ids[:-1]):
+                    state["decontaminated"] += 1
+                    continue
+                split = "val" if is_heldout(label, unit, item.row, cfg.validation.fraction) else "train"
+                writer = writer_for(split)
+                writer.add(ids)
+                batch_tokens += len(ids)
+                if writer.num_tokens >= cfg.shards.max_tokens:
+                    checkpoint(item.row + 1, complete=False)
+            if on_progress is not None:
+                on_progress(len(docs), batch_tokens)
+        checkpoint(last_row + 1, complete=True)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    _fill_totals(result, state)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _fill_totals(result: UnitResult, state: dict) -> None:
+    train = [s for s in state["shards"]]
+    result.documents = sum(s["documents"] for s in train)
+    result.tokens = sum(s["tokens"] for s in train)
+    result.skipped = Counter(state["skipped"])
+    result.decontaminated = state["decontaminated"]
+
+
+def _remove_stale_temporaries(out: Path, label: str, unit: int) -> None:
+    """Temporaries of a killed run are garbage; published shards are overwritten identically."""
+    for split in SPLITS:
+        d = out / "shards" / label / split
+        if d.is_dir():
+            for tmp in d.glob(f".u{unit:05d}-*.tmp"):
+                tmp.unlink(missing_ok=True)
