@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mop.config import StrictModel
 
@@ -29,6 +29,17 @@ class SourceConfig(StrictModel):
     @property
     def label(self) -> str:
         return self.name or self.source
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, key: str) -> str:
+        from data_prep.sources import get_spec  # registry imports nothing heavy
+
+        try:
+            get_spec(key)
+        except Exception as exc:  # DataError -> pydantic error naming the field
+            raise ValueError(str(exc)) from None
+        return key
 
 
 class TokenizerConfig(StrictModel):

@@ -27,7 +27,7 @@ from data_prep.pipeline import (
 from data_prep.shards import ShardReader
 from data_prep.tokenizer import load_tokenizer_dir
 from mop.errors import ConfigError, DataError
-from tests.data_prep import fixtures
+from data_prep import samples as fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 
