@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from data_prep.config import DataPrepConfig
-from mop.config import load_config, to_yaml
+from mop.config import load_config, parse_args_with_overrides, to_yaml
 from mop.errors import cli_entry
 
 EPILOG = """\
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     if args.command == "synthetic":
         return args.func(args)
     if args.command == "verify":

@@ -150,3 +150,21 @@ def to_yaml(cfg: BaseModel) -> str:
 def save_resolved(cfg: BaseModel, path: str | os.PathLike) -> None:
     """Write the resolved config (atomic) so the output it sits beside can be reproduced."""
     atomic_write_text(path, to_yaml(cfg))
+
+
+def parse_args_with_overrides(parser, argv: list[str] | None = None):
+    """argparse with `key=value` overrides allowed anywhere on the command line.
+
+    argparse cannot mix a `nargs="*"` positional with options that follow it (and not at
+    all under subcommands), so overrides left over by `parse_known_args` are appended to
+    `args.overrides`; anything else left over is the usual argparse error.
+    """
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if "=" not in r or r.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args

@@ -1,0 +1,109 @@
+"""Submit chains and sweeps of SLURM jobs with the right dependencies.
+
+    python -m slurm.submit data CONFIG --tasks 64 [key=value ...] [--dry-run]
+        tokenizer job -> tokenize array (afterok) -> merge (afterok)
+    python -m slurm.submit sweep TRAIN_CONFIG --models configs/model/moe_d512_e*.yaml [--dry-run]
+        one training job per model config (slurm/train.sbatch), each requeueing itself
+
+Job ids come from `sbatch --parsable`. `--dry-run` prints the sbatch commands with
+placeholder ids instead of submitting. Extra `--sbatch` arguments (account, partition,
+qos) are passed to every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from mop.config import parse_args_with_overrides
+from mop.errors import UserError, cli_entry
+
+SLURM_DIR = Path(__file__).resolve().parent
+
+
+class Submitter:
+    def __init__(self, dry_run: bool, extra: list[str]):
+        self.dry_run = dry_run
+        self.extra = extra
+        self.count = 0
+
+    def sbatch(self, script: str, args: list[str], options: list[str] | None = None,
+               after: list[str] | None = None) -> str:
+        cmd = ["sbatch", "--parsable", *self.extra, *(options or [])]
+        if after:
+            cmd.append(f"--dependency=afterok:{':'.join(after)}")
+        cmd += [str(SLURM_DIR / script), *args]
+        self.count += 1
+        if self.dry_run:
+            job = f"<job{self.count}>"
+            print(f"{job} = {shlex.join(cmd)}")
+            return job
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            raise UserError("sbatch not found: run on a SLURM login node, or use --dry-run") from None
+        if proc.returncode != 0:
+            raise UserError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
+        job = proc.stdout.strip().split(";")[0]
+        print(f"submitted {job}: {shlex.join(cmd)}")
+        return job
+
+
+def submit_data(sub: Submitter, config: str, tasks: int, overrides: list[str]) -> list[str]:
+    if tasks < 1:
+        raise UserError(f"--tasks must be >= 1, got {tasks}")
+    Path("logs").mkdir(exist_ok=True)
+    tok = sub.sbatch("data_prep_tokenizer.sbatch", [config, *overrides])
+    arr = sub.sbatch("data_prep_tokenize.sbatch", [config, *overrides],
+                     options=[f"--array=0-{tasks - 1}"], after=[tok])
+    merge = sub.sbatch("data_prep_merge.sbatch", [config, *overrides], after=[arr])
+    return [tok, arr, merge]
+
+
+def submit_sweep(sub: Submitter, config: str, models: list[str], overrides: list[str],
+                 after: list[str]) -> list[str]:
+    if not models:
+        raise UserError("--models needs at least one model config")
+    Path("logs").mkdir(exist_ok=True)
+    jobs = []
+    for model in models:
+        if not Path(model).is_file():
+            raise UserError(f"model config not found: {model}")
+        name = Path(model).stem
+        args = [config, f"model={model}", f"run_name={name}", *overrides]
+        jobs.append(sub.sbatch("train.sbatch", args, options=[f"--job-name=train-{name}"],
+                               after=after or None))
+    return jobs
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="print sbatch commands, submit nothing")
+    ap.add_argument("--sbatch", action="append", default=[], metavar="ARG",
+                    help="extra sbatch argument for every job, e.g. --sbatch=--account=abc")
+    sp = ap.add_subparsers(dest="cmd", required=True)
+    d = sp.add_parser("data", help="tokenizer -> tokenize array -> merge")
+    d.add_argument("config")
+    d.add_argument("--tasks", type=int, default=16, help="array size of the tokenize job")
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+    s = sp.add_parser("sweep", help="one training job per model config")
+    s.add_argument("config", help="training recipe YAML")
+    s.add_argument("--models", nargs="+", required=True)
+    s.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parse_args_with_overrides(ap, argv)
+    sub = Submitter(args.dry_run, args.sbatch)
+    if args.cmd == "data":
+        submit_data(sub, args.config, args.tasks, args.overrides)
+    else:
+        submit_sweep(sub, args.config, args.models, args.overrides, args.after)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
