@@ -27,7 +27,9 @@ cuda_major=$("$PY" -c "import torch; print((torch.version.cuda or '0').split('.'
 if [ "$cuda_major" -ge 13 ]; then
   echo "[gpu-deps] CUDA $cuda_major: removing CUB's debug_synchronous argument in csrc/cumsum.h"
   perl -0pi -e 's/stream,\s*debug_synchronous\)/stream)/g' "$work"/megablocks-0.10.0/csrc/cumsum.h
-  ! grep -q 'stream,[[:space:]]*debug_synchronous' "$work"/megablocks-0.10.0/csrc/cumsum.h
+  if grep -q 'debug_synchronous))' "$work"/megablocks-0.10.0/csrc/cumsum.h; then
+    echo "[gpu-deps] cumsum.h patch did not apply" >&2; exit 1
+  fi
 fi
 "$PY" -m pip install -q --no-deps --no-build-isolation "$work"/megablocks-0.10.0
 "$PY" -c "import megablocks, grouped_gemm, stk; print('[gpu-deps] megablocks', megablocks.__version__ if hasattr(megablocks, '__version__') else 'ok')"
