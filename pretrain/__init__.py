@@ -1,0 +1,1 @@
+"""Pretraining: single-device model (`pretrain.model`), parallel wrappers, data, trainer."""

@@ -1,0 +1,135 @@
+"""Model config: one `ModelConfig` per decoder, validated here and nowhere else.
+
+Defaults (the paper leaves these open; each one is a config value):
+
+- `n_heads`: d_model // 64 (head_dim 64), as in the OLMo/Llama small models.
+- `n_kv_heads`: None = n_heads (plain multi-head attention); set it for GQA.
+- `ffn_hidden`: None = round_up(8/3 * d_model, 128). SwiGLU has three matrices, so 8/3 * d keeps
+  the parameter count of the classic 4d two-matrix MLP (Llama convention: d=4096 -> 11008).
+  Multiples of 128 keep the grouped GEMMs aligned (megablocks' sparse path requires it).
+- `moe.ffn_hidden`: None = the dense `ffn_hidden`, i.e. every expert is a full-size dense FFN
+  (Mixtral convention), so a top-2 MoE has about twice the dense FFN's active FFN parameters.
+  One summary of the paper says its FFN width is d (following OLMoE); set
+  `moe.ffn_hidden=<d>` (and `ffn_hidden=<d>`) to reproduce that reading.
+- `vocab_size`: 32000 (Mistral/Llama size; the tokenizer of `data_prep` may override it).
+- `max_seq_len`: 2048, `rope_theta`: 10000, `norm_eps`: 1e-5, `init_std`: 0.02.
+
+Unset sizes stay None in the saved config and are resolved by properties (`head_dim`,
+`kv_heads`, `ffn_dim`, `expert_ffn_dim`), so that an override of `d_model` on the command line
+recomputes them instead of keeping numbers derived from the old width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mop.config import StrictModel
+from pretrain.model.peer import PEERConfig
+from pretrain.model.soft_moe import SoftMoEConfig
+
+FFN_MULTIPLE = 128
+
+
+def default_ffn_hidden(d_model: int) -> int:
+    """round_up(8/3 * d, 128): SwiGLU width with the parameters of a 4d two-matrix MLP."""
+    raw = (8 * d_model + 2) // 3
+    return ((raw + FFN_MULTIPLE - 1) // FFN_MULTIPLE) * FFN_MULTIPLE
+
+
+class MoEConfig(StrictModel):
+    """Token-choice top-k MoE (Mixtral/megablocks dMoE), dropless."""
+
+    num_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    # Mixtral renormalises the k selected probabilities to sum to 1; False keeps raw softmax.
+    renormalize: bool = True
+    lb_loss_weight: float = Field(0.01, ge=0)
+    z_loss_weight: float = Field(0.001, ge=0)
+    backend: Literal["torch", "megablocks"] = "torch"
+    # Width of one expert; None = the model's dense ffn width (see module docstring).
+    ffn_hidden: int | None = Field(None, ge=1)
+    # `torch` backend on CUDA: use torch._grouped_mm when it works (falls back to a loop).
+    grouped_mm: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"moe.top_k={self.top_k} must be <= moe.num_experts={self.num_experts}"
+            )
+        return self
+
+
+class ModelConfig(StrictModel):
+    """A decoder: embeddings, n_layers x (attention + FFN-like layer), final norm, LM head."""
+
+    vocab_size: int = Field(32000, ge=1)
+    d_model: int = Field(512, ge=1)
+    n_layers: int = Field(20, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    ffn_hidden: int | None = Field(None, ge=1)
+    max_seq_len: int = Field(2048, ge=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+    causal: bool = True
+    ffn: Literal["dense", "moe", "peer", "soft_moe"] = "dense"
+    moe: MoEConfig | None = None
+    peer: PEERConfig | None = None
+    soft_moe: SoftMoEConfig | None = None
+
+    # Resolved sizes -----------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return self.n_heads if self.n_heads is not None else max(1, self.d_model // 64)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else default_ffn_hidden(self.d_model)
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        if self.moe is not None and self.moe.ffn_hidden is not None:
+            return self.moe.ffn_hidden
+        return self.ffn_dim
+
+    # Validation ---------------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_selected_section(cls, data):
+        # `ffn: moe` with no `moe:` section means "the default MoE"; same for peer/soft_moe.
+        if isinstance(data, dict):
+            kind = data.get("ffn")
+            if kind in ("moe", "peer", "soft_moe") and data.get(kind) is None:
+                data = {**data, kind: {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"n_heads={self.num_heads} must divide d_model={self.d_model}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = d_model/n_heads = {self.head_dim} must be even for rotary positions"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.num_heads}")
+        if self.ffn == "soft_moe" and self.causal:
+            raise ValueError(
+                "ffn='soft_moe' with causal=true: Soft MoE mixes tokens across the sequence "
+                "(each slot averages all positions), so a token would see the future; it cannot "
+                "serve a causal LM. Use it with causal=false (non-autoregressive synthetic tasks)"
+            )
+        return self

@@ -1,0 +1,190 @@
+"""Expert computation backends of the dropless MoE layer, over ONE set of parameters.
+
+Weights use megablocks' GLU layout (`megablocks/layers/glu.py`, `SparseGLU`/`GroupedGLU`):
+  w1 [E*f, d]  gate, expert e = rows e*f:(e+1)*f, applied as x @ w1[e].T
+  v1 [E*f, d]  up,   applied as x @ v1[e].T
+  w2 [E*f, d]  down, applied as h @ w2[e]   (no transpose: the transpose of nn.Linear's layout)
+so a checkpoint loads into either backend and the megablocks module can be handed our Parameters.
+
+- `torch` (reference, dropless, runs everywhere): sort the N*k assignments by expert, run each
+  expert on its contiguous slice, scatter-add the weighted outputs back. On CUDA with bf16 it
+  uses `torch._grouped_mm` when that works, else the per-expert loop.
+- `megablocks`: megablocks' `ParallelDroplessMLP` (mlp_type='glu', mlp_impl='grouped') fed with
+  OUR routing, so routing and aux losses are identical between backends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mop.errors import ConfigError
+from pretrain.model.router import Routing
+
+MEGABLOCKS_INSTALL_HINT = (
+    "install the GPU kernels with `pip install --no-deps --no-build-isolation -r "
+    "requirements-gpu.txt` (on CUDA 13 see docker/build_gpu_deps.sh for the megablocks patch), "
+    "or set model.moe.backend=torch"
+)
+
+# None = not tried yet; False = failed once on this process (do not retry every layer).
+_GROUPED_MM_OK: bool | None = None
+
+
+def _sorted_assignments(routing: Routing) -> tuple[Tensor, Tensor]:
+    """Order of the N*k assignments grouped by expert (stable), and each one's token index."""
+    k = routing.experts.shape[1]
+    order = torch.argsort(routing.experts.flatten(), stable=True)
+    return order, order // k
+
+
+def _expert_loop(xs: Tensor, counts: list[int], w1: Tensor, v1: Tensor, w2: Tensor) -> Tensor:
+    outs = []
+    for e, chunk in enumerate(torch.split(xs, counts)):
+        if chunk.shape[0] == 0:
+            continue
+        h = F.silu(chunk @ w1[e].t()) * (chunk @ v1[e].t())
+        outs.append(h @ w2[e])
+    if not outs:
+        return xs.new_zeros(xs.shape)
+    return torch.cat(outs)
+
+
+def _expert_grouped_mm(
+    xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor
+) -> Tensor | None:
+    """One grouped GEMM per matrix; None when torch._grouped_mm is missing or refuses."""
+    global _GROUPED_MM_OK
+    if _GROUPED_MM_OK is False or not hasattr(torch, "_grouped_mm"):
+        return None
+    try:
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        h1 = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
+        h3 = torch._grouped_mm(xs, v1.transpose(-2, -1), offs=offs)
+        out = torch._grouped_mm(F.silu(h1) * h3, w2, offs=offs)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _GROUPED_MM_OK = False
+        return None
+    _GROUPED_MM_OK = True
+    return out
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on for x's device."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def torch_dropless_experts(
+    x: Tensor,
+    routing: Routing,
+    w1: Tensor,
+    v1: Tensor,
+    w2: Tensor,
+    use_grouped_mm: bool = True,
+) -> Tensor:
+    """x: [N, d] -> [N, d] = sum over the k chosen experts of weight * expert(x)."""
+    n, d = x.shape
+    num_experts = routing.tokens_per_expert.numel()
+    w1e, v1e, w2e = (w.view(num_experts, -1, d) for w in (w1, v1, w2))
+    order, token_idx = _sorted_assignments(routing)
+    xs = x[token_idx]
+    ys = None
+    if use_grouped_mm and x.is_cuda and compute_dtype(x) == torch.bfloat16:
+        bf16 = torch.bfloat16  # explicit casts: autocast does not cover torch._grouped_mm
+        ys = _expert_grouped_mm(
+            xs.to(bf16), routing.tokens_per_expert, w1e.to(bf16), v1e.to(bf16), w2e.to(bf16)
+        )
+    if ys is None:
+        # .tolist() syncs with the device: fine for the reference path.
+        ys = _expert_loop(xs, routing.tokens_per_expert.tolist(), w1e, v1e, w2e)
+    ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token_idx, ys.to(x.dtype))
+
+
+def import_megablocks():
+    """Import megablocks' dMoE pieces, or raise a ConfigError that names the install step."""
+    try:
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import ParallelDroplessMLP
+    except Exception as exc:  # ImportError, or a broken CUDA extension raising on import
+        raise ConfigError(
+            f"moe.backend=megablocks but megablocks cannot be imported ({exc.__class__.__name__}: "
+            f"{exc}); {MEGABLOCKS_INSTALL_HINT}"
+        ) from None
+    return Arguments, ParallelDroplessMLP
+
+
+class MegablocksExperts:
+    """megablocks' ParallelDroplessMLP with its weights replaced by ours at every call.
+
+    Deliberately not an nn.Module attribute of the MoE layer (kept out of the module tree):
+    its own w1/v1/w2 are built on the meta device (no memory) and, during a forward, its
+    parameter slots hold our Parameters (cast to the activation dtype when they differ, which
+    autograd differentiates back to our fp32 master weights). So state_dict, optimizers,
+    .to(device) and parallel wrappers only ever see our Parameters.
+    """
+
+    def __init__(self, d_model: int, ffn_hidden: int, num_experts: int, top_k: int) -> None:
+        arguments_cls, dropless_cls = import_megablocks()
+        try:
+            args = arguments_cls(
+                hidden_size=d_model,
+                ffn_hidden_size=ffn_hidden,
+                num_layers=1,
+                bias=False,
+                return_bias=False,
+                activation_fn=F.silu,
+                moe_num_experts=num_experts,
+                moe_top_k=top_k,
+                # Our router computes the aux losses; 0 turns off megablocks' global
+                # load-balancing-loss bookkeeping (ParallelMLP.forward checks > 0).
+                moe_loss_weight=0.0,
+                mlp_type="glu",
+                mlp_impl="grouped",
+                memory_optimized_mlp=False,
+                fp16=False,
+                bf16=False,
+                device="meta",
+            )
+        except (ImportError, ValueError) as exc:  # grouped_gemm missing -> assert in Arguments
+            raise ConfigError(
+                f"moe.backend=megablocks: megablocks refused its arguments ({exc}); "
+                f"{MEGABLOCKS_INSTALL_HINT}"
+            ) from None
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.module = dropless_cls(args)
+        # ParallelMLP.__init__ builds a (meta) capacity-factor MLP before the dropless one
+        # replaces `self.mlp`; nothing of it is used.
+
+    def __call__(self, x: Tensor, routing: Routing, w1: Tensor, v1: Tensor, w2: Tensor) -> Tensor:
+        if not x.is_cuda:
+            raise ConfigError(
+                "moe.backend=megablocks needs CUDA tensors; use moe.backend=torch on CPU"
+            )
+        glu = self.module.mlp
+        in_dtype = x.dtype
+        # megablocks' own MoE.forward casts to the autocast dtype before permuting; we call its
+        # expert module directly, so do the same (grouped_gemm runs in bf16/fp16 only).
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        glu._parameters["w1"] = w1.to(dtype)
+        glu._parameters["v1"] = v1.to(dtype)
+        glu._parameters["w2"] = w2.to(dtype)
+        self.module.train(torch.is_grad_enabled())
+        try:
+            out = self.module(
+                x,
+                routing.probs,  # megablocks only stores it for its own lb loss (disabled)
+                routing.weights.to(dtype),  # its scatter kernel weights rows in x's dtype
+                routing.experts,
+            )
+        finally:
+            # Do not keep references to this step's (cast) tensors between calls.
+            for name in ("w1", "v1", "w2"):
+                glu._parameters[name] = None
+        return out.to(in_dtype)

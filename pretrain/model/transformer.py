@@ -1,0 +1,138 @@
+"""The decoder: a plain single-device nn.Module built from `ModelConfig` alone.
+
+Module names are a contract (parallel wrappers and the HF export rely on them):
+`embed`, `blocks[i].attn.{wq,wk,wv,wo}`, `blocks[i].attn_norm`, `blocks[i].ffn_norm`,
+`blocks[i].ffn` (dense: `ffn.{w1,w2,w3}`; MoE: `ffn.router.weight`, `ffn.{w1,v1,w2}`),
+`norm`, `lm_head` (absent weight of its own when embeddings are tied: it shares `embed.weight`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.model.attention import Attention
+from pretrain.model.config import ModelConfig
+from pretrain.model.ffn import build_ffn, init_ffn
+from pretrain.model.norm import RMSNorm
+from pretrain.model.rotary import RotaryEmbedding
+
+LOSS_KEYS = ("lb_loss", "z_loss")
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    # Weighted sum over layers of lb and z losses (0 for dense): add it to the LM loss.
+    aux_loss: Tensor
+    # Unweighted sums over layers of each aux loss, for logging.
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    # One dict of detached statistics per layer whose FFN reports any (MoE: expert load).
+    expert_stats: list[dict[str, Tensor]] = field(default_factory=list)
+    hidden: Tensor | None = None  # final normed hidden states [B, T, d] if asked for
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.causal)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = build_ffn(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        y, aux = self.ffn(self.ffn_norm(x))
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) everywhere; output projections (wo, FFN down) get
+        init_std / sqrt(2 * n_layers) because each block adds two residual branches (GPT-2)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.blocks:
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            block.attn_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+            init_ffn(block.ffn, std, out_std)
+        self.norm.weight.fill_(1.0)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def forward(
+        self, input_ids: Tensor, return_hidden: bool = False, positions: Tensor | None = None
+    ) -> ModelOutput:
+        """input_ids [B, T] -> ModelOutput. `positions` [T] defaults to 0..T-1."""
+        t = input_ids.shape[1]
+        if positions is None:
+            if t > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {t} > max_seq_len={self.cfg.max_seq_len}")
+            positions = torch.arange(t, device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        x = self.embed(input_ids)
+        aux_sums: dict[str, Tensor] = {}
+        stats: list[dict[str, Tensor]] = []
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            for key in LOSS_KEYS:
+                if key in aux:
+                    aux_sums[key] = aux_sums.get(key, 0.0) + aux[key]
+            layer_stats = {k: v.detach() for k, v in aux.items() if k not in LOSS_KEYS}
+            if layer_stats:
+                stats.append(layer_stats)
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        return ModelOutput(
+            logits=logits,
+            aux_loss=self._weighted_aux(aux_sums, logits),
+            aux_losses=aux_sums,
+            expert_stats=stats,
+            hidden=h if return_hidden else None,
+        )
+
+    def _weighted_aux(self, sums: dict[str, Tensor], like: Tensor) -> Tensor:
+        total = like.new_zeros((), dtype=torch.float32)
+        moe = self.cfg.moe
+        if moe is not None:
+            if "lb_loss" in sums and moe.lb_loss_weight:
+                total = total + moe.lb_loss_weight * sums["lb_loss"]
+            if "z_loss" in sums and moe.z_loss_weight:
+                total = total + moe.z_loss_weight * sums["z_loss"]
+        return total
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy in fp32 over positions whose target != ignore_index.
+
+    `targets` are already shifted (targets[:, t] is the token after input t)."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+    )
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    return Transformer(cfg)

@@ -1,0 +1,96 @@
+"""Print size and cost of model configs: `python -m pretrain.model_info configs/model/*.yaml`.
+
+Columns: name, layers, d, experts, total params, active params per token, training FLOPs per
+token (formula in pretrain/model/accounting.py). `--json` prints one JSON object per config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mop.config import load_config
+from mop.errors import cli_entry
+from pretrain.model.accounting import model_size
+from pretrain.model.config import ModelConfig
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def experts_of(cfg: ModelConfig) -> str:
+    if cfg.ffn == "moe":
+        return f"{cfg.moe.num_experts}/top{cfg.moe.top_k}"
+    if cfg.ffn == "peer":
+        return f"peer {cfg.peer.num_experts}"
+    if cfg.ffn == "soft_moe":
+        return f"soft {cfg.soft_moe.num_experts}"
+    return "-"
+
+
+def describe(path: str, overrides: list[str], seq_len: int | None, attention: str) -> dict:
+    cfg = load_config(ModelConfig, path, overrides)
+    size = model_size(cfg, seq_len=seq_len, attention=attention)
+    return {
+        "name": Path(path).stem,
+        "path": str(path),
+        "ffn": cfg.ffn,
+        "layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.kv_heads,
+        "ffn_hidden": cfg.expert_ffn_dim if cfg.ffn == "moe" else cfg.ffn_dim,
+        "experts": experts_of(cfg),
+        **size.as_dict(),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("name", "layers", "d", "ffn", "experts", "total", "active", "FLOPs/token")
+    body = [
+        (
+            r["name"],
+            str(r["layers"]),
+            str(r["d_model"]),
+            str(r["ffn_hidden"]),
+            r["experts"],
+            human(r["total_params"]),
+            human(r["active_params"]),
+            human(r["flops_per_token"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", help="model YAML files")
+    parser.add_argument(
+        "--set", action="append", default=[], help="override, e.g. vocab_size=50304"
+    )
+    parser.add_argument("--seq-len", type=int, default=None, help="default: each max_seq_len")
+    parser.add_argument("--attention", choices=("full", "causal"), default="full")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    args = parser.parse_args(argv)
+    rows = [describe(p, args.set, args.seq_len, args.attention) for p in args.configs]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

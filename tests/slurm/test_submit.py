@@ -1,0 +1,69 @@
+"""The submit tool chains jobs with afterok dependencies (fake sbatch on PATH)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+n=$(( $(cat "$FAKE_DIR/count" 2>/dev/null || echo 100) + 1 ))
+echo $n > "$FAKE_DIR/count"
+echo "$*" >> "$FAKE_DIR/calls"
+echo "$n;cluster"
+"""
+
+
+def _fake_env(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(FAKE_SBATCH)
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
+            "PYTHONPATH": str(REPO)}
+
+
+def test_data_chain_dependencies(tmp_path):
+    env = _fake_env(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--sbatch=--account=abc", "data",
+         "configs/data/tiny.yaml", "--tasks", "4", "workers=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 3
+    tok, arr, merge = calls
+    assert "data_prep_tokenizer.sbatch configs/data/tiny.yaml workers=2" in tok
+    assert "--array=0-3" in arr and "--dependency=afterok:101" in arr
+    assert "--dependency=afterok:102" in merge and "data_prep_merge.sbatch" in merge
+    assert all("--account=abc" in c for c in calls)
+
+
+def test_dry_run_and_errors(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--dry-run", "data", "c.yaml", "--tasks", "2"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.count("sbatch --parsable") == 3 and "afterok:<job2>" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--dry-run", "data", "c.yaml", "--tasks", "0"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "--tasks must be >= 1" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--dry-run", "sweep", "t.yaml", "--models", "nope.yaml"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "model config not found" in bad.stderr
+
+
+def test_sbatch_scripts_are_valid_bash():
+    for script in (REPO / "slurm").glob("*.sbatch"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
