@@ -37,7 +37,9 @@ from data_prep.tokenizer import train_bpe  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--docs", type=int, default=20000, help="documents (~250 words each)")
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -49,16 +51,24 @@ def main() -> int:
     try:
         raw_dir = work / "raw"
         for i in range(args.files):
-            write_fineweb_parquet(raw_dir, args.docs // args.files, seed=i, name=f"part-{i:03d}.parquet")
-        cfg = DataPrepConfig.model_validate({
-            "output_dir": str(work / "out"),
-            "sources": [{"source": "fineweb_edu", "data_files": str(raw_dir)}],
-            "validation": {"fraction": 0.0, "num_sequences": 0},
-            "shards": {"max_tokens": 2_000_000, "encode_batch_documents": 1024},
-        })
+            write_fineweb_parquet(
+                raw_dir, args.docs // args.files, seed=i, name=f"part-{i:03d}.parquet"
+            )
+        cfg = DataPrepConfig.model_validate(
+            {
+                "output_dir": str(work / "out"),
+                "sources": [{"source": "fineweb_edu", "data_files": str(raw_dir)}],
+                "validation": {"fraction": 0.0, "num_sequences": 0},
+                "shards": {"max_tokens": 2_000_000, "encode_batch_documents": 1024},
+            }
+        )
         handle = open_source(cfg.sources[0])
-        texts = [d.text for u in range(handle.num_units) for d in handle.iter_unit(u)
-                 if isinstance(d, Document)]
+        texts = [
+            d.text
+            for u in range(handle.num_units)
+            for d in handle.iter_unit(u)
+            if isinstance(d, Document)
+        ]
         tok = train_bpe(texts[:2000], args.vocab)
         tok.save(cfg.output_dir)
 
@@ -82,7 +92,9 @@ def main() -> int:
 
         merge(cfg, verify=False)
         manifest = load_manifest(cfg.output_dir)
-        readers = [ShardReader(Path(cfg.output_dir) / r["path"], r["dtype"]) for r in manifest["shards"]]
+        readers = [
+            ShardReader(Path(cfg.output_dir) / r["path"], r["dtype"]) for r in manifest["shards"]
+        ]
         rng = np.random.default_rng(0)
         picks = rng.integers(0, len(readers), args.reads)
         t0 = time.perf_counter()
@@ -113,8 +125,13 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print()
         print(f"{'measure':<34}{'value':>16}")
-        for key in ("raw_tokens_per_s", "pipeline_tokens_per_s", "pipeline_over_raw",
-                    "random_document_reads_per_s", "random_2049_window_reads_per_s"):
+        for key in (
+            "raw_tokens_per_s",
+            "pipeline_tokens_per_s",
+            "pipeline_over_raw",
+            "random_document_reads_per_s",
+            "random_2049_window_reads_per_s",
+        ):
             print(f"{key:<34}{result[key]:>16,.2f}")
         print(f"(written to {args.out})")
     finally:

@@ -48,18 +48,34 @@ def build_parser() -> argparse.ArgumentParser:
         "step runs at the end.",
     )
     _add_config_args(p)
-    p.add_argument("--task-index", type=int, default=None,
-                   help="this array task (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)")
-    p.add_argument("--num-tasks", type=int, default=None,
-                   help="array size (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
-    p.add_argument("--workers", type=int, default=None, help="processes in this task (default: config)")
-    p.add_argument("--no-merge", action="store_true", help="do not merge even when this is the only task")
+    p.add_argument(
+        "--task-index",
+        type=int,
+        default=None,
+        help="this array task (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
+    )
+    p.add_argument(
+        "--num-tasks",
+        type=int,
+        default=None,
+        help="array size (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes in this task (default: config)"
+    )
+    p.add_argument(
+        "--no-merge", action="store_true", help="do not merge even when this is the only task"
+    )
 
-    p = sub.add_parser("merge", help="check all units, write manifest, mixture plan and validation set")
+    p = sub.add_parser(
+        "merge", help="check all units, write manifest, mixture plan and validation set"
+    )
     _add_config_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard")
 
-    p = sub.add_parser("verify", help="re-hash every shard of a data directory against its manifest")
+    p = sub.add_parser(
+        "verify", help="re-hash every shard of a data directory against its manifest"
+    )
     p.add_argument("--data-dir", required=True)
 
     try:

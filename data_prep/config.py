@@ -55,7 +55,9 @@ class TokenizerConfig(StrictModel):
     @model_validator(mode="after")
     def _pretrained_needs_path(self) -> TokenizerConfig:
         if self.kind == "pretrained" and not self.path:
-            raise ValueError("tokenizer.kind=pretrained needs tokenizer.path (tokenizer.json or .model)")
+            raise ValueError(
+                "tokenizer.kind=pretrained needs tokenizer.path (tokenizer.json or .model)"
+            )
         return self
 
 

@@ -38,10 +38,14 @@ def merge(cfg: DataPrepConfig, verify: bool = True) -> dict:
             missing.append(f"{item.label}/u{item.unit:05d}")
             continue
         if frag["tokenizer_sha256"] != tok.hash:
-            raise DataError(f"{path} was made with another tokenizer; re-tokenize into a new output_dir")
+            raise DataError(
+                f"{path} was made with another tokenizer; re-tokenize into a new output_dir"
+            )
         fragments.append(frag)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
         raise DataError(
             f"{len(missing)} of {len(work)} unit(s) not finished: {shown}; re-run the tokenize "
             "task(s) that own them (finished units are skipped)"

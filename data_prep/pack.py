@@ -152,7 +152,9 @@ def tokenize_unit(
     def writer_for(split: str) -> ShardWriter:
         if split not in writers:
             k = state["next_shard"][split]
-            writers[split] = ShardWriter(out / shard_relpath(label, split, unit, k), tok.token_dtype)
+            writers[split] = ShardWriter(
+                out / shard_relpath(label, split, unit, k), tok.token_dtype
+            )
         return writers[split]
 
     handle = open_source(source)
@@ -172,7 +174,9 @@ def tokenize_unit(
                 if decontam is not None and decontam.contaminated(ids[:-1]):
                     state["decontaminated"] += 1
                     continue
-                split = "val" if is_heldout(label, unit, item.row, cfg.validation.fraction) else "train"
+                split = (
+                    "val" if is_heldout(label, unit, item.row, cfg.validation.fraction) else "train"
+                )
                 writer = writer_for(split)
                 writer.add(ids)
                 batch_tokens += len(ids)

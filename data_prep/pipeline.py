@@ -101,7 +101,9 @@ def run_tokenizer_stage(cfg: DataPrepConfig) -> TextTokenizer:
     else:
         t0 = time.perf_counter()
         texts = sample_mixture_texts(cfg, tcfg.sample_documents)
-        print(f"[tokenizer] training {tcfg.kind} (vocab {tcfg.vocab_size}) on {len(texts)} documents")
+        print(
+            f"[tokenizer] training {tcfg.kind} (vocab {tcfg.vocab_size}) on {len(texts)} documents"
+        )
         trainer = train_bpe if tcfg.kind == "bpe" else train_sentencepiece
         kwargs = {"min_frequency": tcfg.min_frequency} if tcfg.kind == "bpe" else {}
         tok = trainer(texts, tcfg.vocab_size, eos_token=tcfg.eos_token, **kwargs)
@@ -109,8 +111,10 @@ def run_tokenizer_stage(cfg: DataPrepConfig) -> TextTokenizer:
     _refuse_other_tokenizer(out, tok)
     tok.save(out)
     save_resolved(cfg, out / "config.yaml")
-    print(f"[tokenizer] {tok.kind}, vocab {tok.vocab_size}, eos {tok.eos_token!r}={tok.eos_id}, "
-          f"sha256 {tok.hash[:16]}... -> {out}")
+    print(
+        f"[tokenizer] {tok.kind}, vocab {tok.vocab_size}, eos {tok.eos_token!r}={tok.eos_id}, "
+        f"sha256 {tok.hash[:16]}... -> {out}"
+    )
     return tok
 
 
@@ -136,8 +140,12 @@ def prepare_decontamination(cfg: DataPrepConfig, tok: TextTokenizer) -> NgramInd
         return None
     if not dcfg.eval_files:
         raise ConfigError("decontamination.enabled needs decontamination.eval_files")
-    index = build_index(iter_eval_texts(dcfg.eval_files, dcfg.eval_fields), tok.encode_batch, dcfg.ngram)
-    print(f"[decontam] {index.hashes.size} distinct {dcfg.ngram}-grams from {len(dcfg.eval_files)} file(s)")
+    index = build_index(
+        iter_eval_texts(dcfg.eval_files, dcfg.eval_fields), tok.encode_batch, dcfg.ngram
+    )
+    print(
+        f"[decontam] {index.hashes.size} distinct {dcfg.ngram}-grams from {len(dcfg.eval_files)} file(s)"
+    )
     return index
 
 
@@ -192,7 +200,9 @@ def run_tokenize_task(
                 results.append(res)
                 bar.update(1)
     summary = summarize(results, time.perf_counter() - t0, task_index, num_tasks)
-    atomic_write_json(out / "logs" / f"tokenize-task{task_index:05d}-of-{num_tasks:05d}.json", summary)
+    atomic_write_json(
+        out / "logs" / f"tokenize-task{task_index:05d}-of-{num_tasks:05d}.json", summary
+    )
     print_summary(summary)
     return summary
 
@@ -231,7 +241,9 @@ def print_summary(summary: dict) -> None:
     if summary["rows_skipped"]:
         print(f"[tokenize] rows skipped: {json.dumps(summary['rows_skipped'])}")
     if any(summary["decontaminated"].values()):
-        print(f"[tokenize] documents dropped by decontamination: {json.dumps(summary['decontaminated'])}")
+        print(
+            f"[tokenize] documents dropped by decontamination: {json.dumps(summary['decontaminated'])}"
+        )
     sys.stdout.flush()
 
 

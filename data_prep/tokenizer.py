@@ -70,7 +70,9 @@ class TextTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without EOS (the packer appends it)."""
         if self.kind == "hf":
-            return [e.ids for e in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+            return [
+                e.ids for e in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)
+            ]
         return self._sp.encode(list(texts), out_type=int)
 
     def encode(self, text: str) -> list[int]:

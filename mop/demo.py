@@ -28,8 +28,11 @@ def _run(cmd: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mop.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mop.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="demo_out", help="output directory (recreated)")
     parser.add_argument("--docs", type=int, default=60, help="documents per generated file")
     args = parser.parse_args(argv)
@@ -50,12 +53,50 @@ def main(argv: list[str] | None = None) -> int:
     _run(["-m", "data_prep", "tokenize", "--config", cfg, *over])
     _run(["-m", "data_prep", "verify", "--data-dir", str(out / "data")])
     syn = out / "synthetic"
-    _run(["-m", "data_prep", "synthetic", "phonebook", "--out", str(syn / "phonebook"),
-          "--size", "2000", "--seed", "0"])
-    _run(["-m", "data_prep", "synthetic", "shortest-path", "--out", str(syn / "shortest_path"),
-          "--size", "500", "--seed", "0", "--num-test", "50"])
-    _run(["-m", "data_prep", "synthetic", "memorization", "--out", str(syn / "memorization"),
-          "--size", "256", "--seed", "0"])
+    _run(
+        [
+            "-m",
+            "data_prep",
+            "synthetic",
+            "phonebook",
+            "--out",
+            str(syn / "phonebook"),
+            "--size",
+            "2000",
+            "--seed",
+            "0",
+        ]
+    )
+    _run(
+        [
+            "-m",
+            "data_prep",
+            "synthetic",
+            "shortest-path",
+            "--out",
+            str(syn / "shortest_path"),
+            "--size",
+            "500",
+            "--seed",
+            "0",
+            "--num-test",
+            "50",
+        ]
+    )
+    _run(
+        [
+            "-m",
+            "data_prep",
+            "synthetic",
+            "memorization",
+            "--out",
+            str(syn / "memorization"),
+            "--size",
+            "256",
+            "--seed",
+            "0",
+        ]
+    )
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; outputs under {out}")
     return 0
 

@@ -30,8 +30,13 @@ class Submitter:
         self.extra = extra
         self.count = 0
 
-    def sbatch(self, script: str, args: list[str], options: list[str] | None = None,
-               after: list[str] | None = None) -> str:
+    def sbatch(
+        self,
+        script: str,
+        args: list[str],
+        options: list[str] | None = None,
+        after: list[str] | None = None,
+    ) -> str:
         cmd = ["sbatch", "--parsable", *self.extra, *(options or [])]
         if after:
             cmd.append(f"--dependency=afterok:{':'.join(after)}")
@@ -44,7 +49,9 @@ class Submitter:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except FileNotFoundError:
-            raise UserError("sbatch not found: run on a SLURM login node, or use --dry-run") from None
+            raise UserError(
+                "sbatch not found: run on a SLURM login node, or use --dry-run"
+            ) from None
         if proc.returncode != 0:
             raise UserError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
         job = proc.stdout.strip().split(";")[0]
@@ -57,14 +64,19 @@ def submit_data(sub: Submitter, config: str, tasks: int, overrides: list[str]) -
         raise UserError(f"--tasks must be >= 1, got {tasks}")
     Path("logs").mkdir(exist_ok=True)
     tok = sub.sbatch("data_prep_tokenizer.sbatch", [config, *overrides])
-    arr = sub.sbatch("data_prep_tokenize.sbatch", [config, *overrides],
-                     options=[f"--array=0-{tasks - 1}"], after=[tok])
+    arr = sub.sbatch(
+        "data_prep_tokenize.sbatch",
+        [config, *overrides],
+        options=[f"--array=0-{tasks - 1}"],
+        after=[tok],
+    )
     merge = sub.sbatch("data_prep_merge.sbatch", [config, *overrides], after=[arr])
     return [tok, arr, merge]
 
 
-def submit_sweep(sub: Submitter, config: str, models: list[str], overrides: list[str],
-                 after: list[str]) -> list[str]:
+def submit_sweep(
+    sub: Submitter, config: str, models: list[str], overrides: list[str], after: list[str]
+) -> list[str]:
     if not models:
         raise UserError("--models needs at least one model config")
     Path("logs").mkdir(exist_ok=True)
@@ -74,18 +86,29 @@ def submit_sweep(sub: Submitter, config: str, models: list[str], overrides: list
             raise UserError(f"model config not found: {model}")
         name = Path(model).stem
         args = [config, f"model={model}", f"run_name={name}", *overrides]
-        jobs.append(sub.sbatch("train.sbatch", args, options=[f"--job-name=train-{name}"],
-                               after=after or None))
+        jobs.append(
+            sub.sbatch(
+                "train.sbatch", args, options=[f"--job-name=train-{name}"], after=after or None
+            )
+        )
     return jobs
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m slurm.submit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--dry-run", action="store_true", help="print sbatch commands, submit nothing")
-    ap.add_argument("--sbatch", action="append", default=[], metavar="ARG",
-                    help="extra sbatch argument for every job, e.g. --sbatch=--account=abc")
+    ap.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra sbatch argument for every job, e.g. --sbatch=--account=abc",
+    )
     sp = ap.add_subparsers(dest="cmd", required=True)
     d = sp.add_parser("data", help="tokenizer -> tokenize array -> merge")
     d.add_argument("config")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from data_prep import samples as fixtures
 from data_prep.config import DataPrepConfig
 from data_prep.manifest import load_manifest
 from data_prep.merge import merge
@@ -27,7 +28,6 @@ from data_prep.pipeline import (
 from data_prep.shards import ShardReader
 from data_prep.tokenizer import load_tokenizer_dir
 from mop.errors import ConfigError, DataError
-from data_prep import samples as fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,9 @@ def data_files(out: Path) -> dict[str, bytes]:
     files = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out)
-        if p.is_file() and (rel.parts[0] in keep or rel.name in {"manifest.json", "mixture_plan.json"}):
+        if p.is_file() and (
+            rel.parts[0] in keep or rel.name in {"manifest.json", "mixture_plan.json"}
+        ):
             files[str(rel)] = p.read_bytes()
     return files
 
@@ -141,7 +143,9 @@ def test_mixture_plan(reference):
     plan = json.loads((reference / "mixture_plan.json").read_text())
     assert plan["total_tokens"] == 20000
     shares = {k: v["share"] for k, v in plan["sources"].items()}
-    assert shares == pytest.approx({"fineweb_edu": 0.6, "proof_pile_2_arxiv": 0.3, "metamathqa": 0.1})
+    assert shares == pytest.approx(
+        {"fineweb_edu": 0.6, "proof_pile_2_arxiv": 0.3, "metamathqa": 0.1}
+    )
     assert sum(v["planned_tokens"] for v in plan["sources"].values()) == pytest.approx(20000, abs=2)
     for v in plan["sources"].values():
         assert v["epochs"] == pytest.approx(v["planned_tokens"] / v["available_tokens"])
@@ -152,7 +156,9 @@ def test_short_source_repeated_with_warning(raw, tmp_path):
 
     cfg = make_cfg(raw, tmp_path)
     with pytest.warns(UserWarning, match="repeated"):
-        plan = plan_mixture(cfg, {"fineweb_edu": 100, "proof_pile_2_arxiv": 10**9, "metamathqa": 10**9})
+        plan = plan_mixture(
+            cfg, {"fineweb_edu": 100, "proof_pile_2_arxiv": 10**9, "metamathqa": 10**9}
+        )
     assert plan["sources"]["fineweb_edu"]["epochs"] == pytest.approx(12000 / 100)
 
 
@@ -167,15 +173,29 @@ def test_rerun_skips_finished_units(reference, raw, capsys):
 
 def test_array_split_plus_merge_equals_single_task(reference, raw, tmp_path):
     cfg = make_cfg(raw, tmp_path)
-    run_tokenizer_stage(cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(
-        update={"kind": "pretrained", "path": str(reference / "tokenizer.json")})}))
+    run_tokenizer_stage(
+        cfg.model_copy(
+            update={
+                "tokenizer": cfg.tokenizer.model_copy(
+                    update={"kind": "pretrained", "path": str(reference / "tokenizer.json")}
+                )
+            }
+        )
+    )
     for i in range(3):
         run_tokenize_task(cfg, task_index=i, num_tasks=3)
     with pytest.raises(DataError, match="not finished"):
         # a fresh directory where one task never ran cannot be merged
         other = make_cfg(raw, tmp_path / "partial")
-        run_tokenizer_stage(other.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(
-            update={"kind": "pretrained", "path": str(reference / "tokenizer.json")})}))
+        run_tokenizer_stage(
+            other.model_copy(
+                update={
+                    "tokenizer": cfg.tokenizer.model_copy(
+                        update={"kind": "pretrained", "path": str(reference / "tokenizer.json")}
+                    )
+                }
+            )
+        )
         run_tokenize_task(other, task_index=0, num_tasks=3)
         merge(other)
     merge(cfg)
@@ -228,7 +248,9 @@ def test_kill_9_and_rerun_gives_identical_output(reference, raw, tmp_path):
     out = tmp_path / "out"
     cfg = make_cfg(raw, out)
     cfg_path = _write_yaml(cfg, tmp_path / "cfg.yaml")
-    tok_override = f"tokenizer.kind=pretrained tokenizer.path={reference / 'tokenizer.json'}".split()
+    tok_override = (
+        f"tokenizer.kind=pretrained tokenizer.path={reference / 'tokenizer.json'}".split()
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "data_prep", "tokenizer", "--config", str(cfg_path), *tok_override]
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
@@ -236,7 +258,9 @@ def test_kill_9_and_rerun_gives_identical_output(reference, raw, tmp_path):
     for n in (45, 40, 35):  # three kills at different points, then a clean finish
         proc = subprocess.run(
             [sys.executable, "-c", KILL_SCRIPT, "tokenize", "--config", str(cfg_path)],
-            cwd=REPO, env={**env, "KILL_AFTER_ADDS": str(n)}, capture_output=True,
+            cwd=REPO,
+            env={**env, "KILL_AFTER_ADDS": str(n)},
+            capture_output=True,
         )
         killed += proc.returncode == -9
     assert killed == 3
@@ -244,7 +268,10 @@ def test_kill_9_and_rerun_gives_identical_output(reference, raw, tmp_path):
     assert list(out.rglob("*.tmp")), "a kill -9 mid-shard should leave a temporary behind"
     subprocess.run(
         [sys.executable, "-m", "data_prep", "tokenize", "--config", str(cfg_path)],
-        check=True, cwd=REPO, env=env, capture_output=True,
+        check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
     )
     assert not list(out.rglob("*.tmp"))
     assert data_files(out) == data_files(reference)
@@ -254,14 +281,17 @@ def test_decontamination_drops_overlapping_documents(raw, reference, tmp_path):
     from data_prep.loading import Document, open_source
 
     cfg = make_cfg(raw, tmp_path)
-    victim = next(d.text for d in open_source(cfg.sources[2]).iter_unit(0) if isinstance(d, Document))
+    victim = next(
+        d.text for d in open_source(cfg.sources[2]).iter_unit(0) if isinstance(d, Document)
+    )
     words = victim.split()
     assert len(words) > 30
     eval_file = tmp_path / "eval.jsonl"
     rows = [{"question": " ".join(words[5:30]), "answer": "x"}, {"question": "unrelated text"}]
     eval_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = make_cfg(
-        raw, tmp_path / "out",
+        raw,
+        tmp_path / "out",
         decontamination={"enabled": True, "ngram": 13, "eval_files": [str(eval_file)]},
         tokenizer={"kind": "pretrained", "path": str(reference / "tokenizer.json")},
     )
@@ -273,13 +303,17 @@ def test_decontamination_drops_overlapping_documents(raw, reference, tmp_path):
     ref = load_manifest(reference)
     got = manifest["sources"]["metamathqa"]
     assert got["decontaminated"] == summary["decontaminated"]["metamathqa"]
-    ref_docs = ref["sources"]["metamathqa"]["train_documents"] + ref["sources"]["metamathqa"]["val_documents"]
+    ref_docs = (
+        ref["sources"]["metamathqa"]["train_documents"]
+        + ref["sources"]["metamathqa"]["val_documents"]
+    )
     assert got["train_documents"] + got["val_documents"] == ref_docs - got["decontaminated"]
 
 
 def test_bad_rows_are_counted_not_fatal(raw, reference, tmp_path):
     cfg = make_cfg(
-        raw, tmp_path,
+        raw,
+        tmp_path,
         sources=[{"source": "fineweb_edu", "data_files": str(raw["bad"])}],
         tokenizer={"kind": "pretrained", "path": str(reference / "tokenizer.json")},
         validation={"fraction": 0.0, "num_sequences": 0, "seq_len": 8},
@@ -306,7 +340,9 @@ def test_corrupted_shard_is_detected(reference, tmp_path):
     path.write_bytes(bytes(data))
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep", "verify", "--data-dir", str(copy)],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 3
     assert "corrupted" in proc.stderr and "Traceback" not in proc.stderr
@@ -331,24 +367,32 @@ def test_other_tokenizer_refused(raw, reference, tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, raw):
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "o"),
-        "sources": [{"source": "fineweb_edoo", "data_files": str(raw["fineweb"])}],
-    }))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "o"),
+                "sources": [{"source": "fineweb_edoo", "data_files": str(raw["fineweb"])}],
+            }
+        )
+    )
     for args, needle in [
         (["tokenizer", "--config", str(cfg_path)], "fineweb_edu"),  # unknown source: close match
         (["tokenize", "--config", str(cfg_path), "shards.max_tokens=-5"], "shards.max_tokens"),
         (["tokenize", "--config", str(tmp_path / "nope.yaml")], "not found"),
     ]:
-        proc = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True
+        )
         assert proc.returncode != 0, args
         assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_sentencepiece_option(raw, tmp_path):
-    cfg = make_cfg(raw, tmp_path, tokenizer={"kind": "sentencepiece", "vocab_size": 400,
-                                             "sample_documents": 60})
+    cfg = make_cfg(
+        raw,
+        tmp_path,
+        tokenizer={"kind": "sentencepiece", "vocab_size": 400, "sample_documents": 60},
+    )
     tok = run_tokenizer_stage(cfg)
     assert tok.kind == "sentencepiece" and (tmp_path / "tokenizer.model").is_file()
     text = "Question: what is 2 + 2?\n\nAnswer: 4"
@@ -359,8 +403,20 @@ def test_sentencepiece_option(raw, tmp_path):
 def test_dry_run_prints_resolved_config(tmp_path, raw):
     cfg_path = _write_yaml(make_cfg(raw, tmp_path), tmp_path / "c.yaml")
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep", "tokenize", "--config", str(cfg_path), "--dry-run",
-         "workers=3"], cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "tokenize",
+            "--config",
+            str(cfg_path),
+            "--dry-run",
+            "workers=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert yaml.safe_load(proc.stdout)["workers"] == 3
 

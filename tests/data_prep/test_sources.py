@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
+from data_prep import samples as fx
 from data_prep.config import SourceConfig
 from data_prep.loading import (
     Document,
@@ -21,7 +22,6 @@ from data_prep.loading import (
 from data_prep.renderers import SkipRow, text_field
 from data_prep.sources import REGISTRY, get_spec
 from mop.errors import DataError
-from data_prep import samples as fx
 
 
 def _all(handle) -> list[Document | SkippedRow]:

@@ -24,16 +24,32 @@ def _fake_env(tmp_path: Path) -> dict[str, str]:
     sbatch = bin_dir / "sbatch"
     sbatch.write_text(FAKE_SBATCH)
     sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
-            "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_DIR": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def test_data_chain_dependencies(tmp_path):
     env = _fake_env(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "slurm.submit", "--sbatch=--account=abc", "data",
-         "configs/data/tiny.yaml", "--tasks", "4", "workers=2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "slurm.submit",
+            "--sbatch=--account=abc",
+            "data",
+            "configs/data/tiny.yaml",
+            "--tasks",
+            "4",
+            "workers=2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -48,18 +64,33 @@ def test_data_chain_dependencies(tmp_path):
 def test_dry_run_and_errors(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "slurm.submit", "--dry-run", "data", "c.yaml", "--tasks", "2"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0
     assert proc.stdout.count("sbatch --parsable") == 3 and "afterok:<job2>" in proc.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "slurm.submit", "--dry-run", "data", "c.yaml", "--tasks", "0"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "--tasks must be >= 1" in bad.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "slurm.submit", "--dry-run", "sweep", "t.yaml", "--models", "nope.yaml"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "slurm.submit",
+            "--dry-run",
+            "sweep",
+            "t.yaml",
+            "--models",
+            "nope.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "model config not found" in bad.stderr
 
