@@ -120,8 +120,12 @@ def test_unknown_source_names_close_match():
     with pytest.raises(DataError, match="did you mean fineweb_edu") as err:
         get_spec("fineweb-edu")
     assert "known sources" in str(err.value)
-    with pytest.raises(DataError, match="unknown source"):
-        open_source(SourceConfig(source="no_such_thing_at_all", data_files="x"))
+    # the config rejects an unknown source before any loading starts, naming the field
+    from mop.config import validate
+    from mop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'source' = 'no_such_thing_at_all'.*unknown source"):
+        validate(SourceConfig, {"source": "no_such_thing_at_all", "data_files": "x"})
 
 
 # ---------------------------------------------------------------- local formats
