@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from data_prep.config import DataPrepConfig
+from data_prep.synthetic.cli import add_parser as add_synthetic_parser
 from mop.config import load_config, parse_args_with_overrides, to_yaml
 from mop.errors import cli_entry
 
@@ -78,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", required=True)
 
-    try:
-        from data_prep.synthetic.cli import add_parser as add_synthetic
-    except ImportError:  # pragma: no cover - the synthetic package is part of the tree
-        add_synthetic = None
-    if add_synthetic is not None:
-        add_synthetic(sub)
+    add_synthetic_parser(sub)
     return parser
 
 
