@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +124,6 @@ def tokenize_unit(
 
     skipped = Counter(state["skipped"])
     writers: dict[str, ShardWriter] = {}
-    eos = np.asarray([tok.eos_id])
     start_row = state["rows_consumed"]
 
     def checkpoint(rows_consumed: int, complete: bool) -> None:
@@ -160,6 +159,22 @@ def tokenize_unit(
     handle = open_source(source)
     items = (it for it in handle.iter_unit(unit) if it.row >= start_row)
     last_row = start_row - 1
+    # Documents wait here per split and reach their writer in one add_batch per encode
+    # batch (or earlier, when a shard fills): same bytes as one add() per document.
+    pending: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    pending_tokens = dict.fromkeys(SPLITS, 0)
+
+    def flush() -> None:
+        for split in SPLITS:
+            docs = pending[split]
+            if not docs:
+                continue
+            lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+            flat = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum()))
+            writer_for(split).add_batch(flat, lengths)
+            docs.clear()
+            pending_tokens[split] = 0
+
     try:
         for batch in _batched(items, cfg.shards.encode_batch_documents):
             docs = [it for it in batch if isinstance(it, Document)]
@@ -170,18 +185,21 @@ def tokenize_unit(
                 if isinstance(item, SkippedRow):
                     skipped[item.reason] += 1
                     continue
-                ids = np.concatenate([np.asarray(next(encoded), dtype=np.int64), eos])
-                if decontam is not None and decontam.contaminated(ids[:-1]):
+                ids = next(encoded)
+                if decontam is not None and decontam.contaminated(ids):
                     state["decontaminated"] += 1
                     continue
-                split = (
-                    "val" if is_heldout(label, unit, item.row, cfg.validation.fraction) else "train"
-                )
-                writer = writer_for(split)
-                writer.add(ids)
+                ids.append(tok.eos_id)
+                heldout = is_heldout(label, unit, item.row, cfg.validation.fraction)
+                split = "val" if heldout else "train"
+                pending[split].append(ids)
+                pending_tokens[split] += len(ids)
                 batch_tokens += len(ids)
-                if writer.num_tokens >= cfg.shards.max_tokens:
+                written = writers[split].num_tokens if split in writers else 0
+                if written + pending_tokens[split] >= cfg.shards.max_tokens:
+                    flush()
                     checkpoint(item.row + 1, complete=False)
+            flush()
             if on_progress is not None:
                 on_progress(len(docs), batch_tokens)
         checkpoint(last_row + 1, complete=True)

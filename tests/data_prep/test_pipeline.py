@@ -225,14 +225,14 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     from data_prep import shards
     n = int(os.environ["KILL_AFTER_ADDS"])
-    real_add = shards.ShardWriter.add
+    real_add = shards.ShardWriter.add_batch
     calls = [0]
-    def add(self, tokens):
+    def add_batch(self, flat, lengths):
         calls[0] += 1
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of a shard
-        return real_add(self, tokens)
-    shards.ShardWriter.add = add
+        return real_add(self, flat, lengths)
+    shards.ShardWriter.add_batch = add_batch
     from data_prep.__main__ import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -255,7 +255,7 @@ def test_kill_9_and_rerun_gives_identical_output(reference, raw, tmp_path):
     cmd = [sys.executable, "-m", "data_prep", "tokenizer", "--config", str(cfg_path), *tok_override]
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
     killed = 0
-    for n in (45, 40, 35):  # three kills at different points, then a clean finish
+    for n in (12, 10, 8):  # three kills at different points, then a clean finish
         proc = subprocess.run(
             [sys.executable, "-c", KILL_SCRIPT, "tokenize", "--config", str(cfg_path)],
             cwd=REPO,
