@@ -1,0 +1,144 @@
+"""`python -m pretrain --config configs/train/X.yaml [key.sub=value ...] [--dry-run]`.
+
+Works in one CPU process, under torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
+LOCAL_RANK) and under srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). `--dry-run` prints the
+resolved config, the derived sizes and the DeepSpeed config, and touches no device.
+Exit codes: see pretrain/trainer.py (0 done, 124 requeue after a stop signal, 65 non-finite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import asdict
+
+from mop.config import load_config, to_yaml
+from mop.errors import cli_entry
+from pretrain.config import TrainConfig, derived_sizes, resolve_precision
+from pretrain.deepspeed_config import deepspeed_config
+from pretrain.launch import dist_env, init_distributed, prepare_env
+from pretrain.parallel import build_mesh
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="train config YAML (configs/train/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def param_groups(model) -> list[dict]:
+    """No weight decay on norms/biases (1-D) and embeddings, as in GPT-2/OLMo."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.startswith("embed.") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
+    prepare_env(de, cuda)  # before deepspeed is imported: DS_ACCELERATOR=cpu without CUDA
+    import deepspeed
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.data import TrainData, ValidationSet, open_manifest
+    from pretrain.metrics import MetricsLogger
+    from pretrain.model.transformer import build_model
+    from pretrain.parallel import parallelize
+    from pretrain.schedule import lr_multiplier
+    from pretrain.trainer import (
+        EvalCallback,
+        LoggingCallback,
+        Trainer,
+        flops_per_token,
+        write_run_config,
+    )
+
+    init_distributed(de, cuda)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN; ZeRO allocates its
+        # gradient buckets (hundreds of MB) with torch.empty on each step and overwrites them,
+        # so the fill only costs time (seconds per step on CPU).
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    manifest = open_manifest(cfg.data, cfg.model.vocab_size)
+    data = TrainData(cfg.data.data_dir, manifest, cfg.data)
+    val = ValidationSet(cfg.data.data_dir, manifest) if cfg.eval.interval else None
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+    model = parallelize(build_model(cfg.model), cfg, mesh)
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_multiplier(s, cfg.schedule, cfg.max_steps)
+        )
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model), config=ds_cfg, lr_scheduler=schedule
+    )
+    # Per-rank RNG streams (restored from the checkpoint on resume).
+    random.seed(cfg.seed * 1009 + de.rank)
+    np.random.seed(cfg.seed * 1009 + de.rank)
+    torch.manual_seed(cfg.seed * 1009 + de.rank)
+
+    tok_sha = manifest["tokenizer"]["sha256"]
+    trainer = Trainer(cfg, engine, data, val, sizes, mesh, tok_sha, callbacks=[])
+    tag = trainer.resume()
+    write_run_config(cfg, de.rank)
+    logger = MetricsLogger(
+        cfg.run_dir,
+        cfg.logging,
+        cfg.model_dump(mode="json"),
+        de.rank,
+        resume_step=trainer.state.step if tag else None,
+    )
+    trainer.callbacks = [
+        LoggingCallback(logger, cfg, flops_per_token(cfg)),
+        EvalCallback(logger, cfg),
+    ]
+    if de.rank == 0:
+        where = f"resumed from {tag} (step {trainer.state.step})" if tag else "fresh start"
+        print(
+            f"[train] {where}; world {de.world_size} (dp {mesh.dp}), global batch "
+            f"{sizes.global_batch} x {cfg.data.seq_len} tokens, {ds_cfg.get('bf16') and 'bf16' or 'fp32'}",
+            flush=True,
+        )
+    trainer.install_signal_handlers()
+    try:
+        code = trainer.fit()
+    finally:
+        logger.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    de = dist_env()
+    sizes = derived_sizes(cfg, de.world_size)
+    mesh = build_mesh(cfg, de.world_size, de.rank)
+    precision = resolve_precision(cfg, cuda)
+    ds_cfg = deepspeed_config(cfg, sizes, precision, cuda)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        print("# derived: " + json.dumps({**asdict(sizes), "precision": precision}))
+        print("# deepspeed: " + json.dumps(ds_cfg, sort_keys=True))
+        return 0
+    return train(cfg, ds_cfg, sizes, mesh, de, cuda)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

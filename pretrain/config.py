@@ -1,0 +1,200 @@
+"""Training config: one `TrainConfig`, validated here and nowhere else.
+
+`python -m pretrain --config configs/train/X.yaml key.sub=value ...` loads it through
+`mop.config.load_config`. `model` may be a path to a model YAML (resolved against the working
+directory, then the repository root); the resolved run config always holds the full model
+section, so a run directory is reproducible on its own.
+
+Sizes that depend on the world size (data-parallel degree, global batch) are derived by
+`derived_sizes` once the launcher's world size is known, and checked there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mop.config import StrictModel, load_config
+from mop.errors import ConfigError
+from pretrain.model.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DataConfig(StrictModel):
+    data_dir: str
+    seq_len: int = Field(ge=1)
+    # Seed of the sample order (source schedule and window permutations), not of the model init.
+    seed: int = Field(0, ge=0)
+    # Slots of the periodic source schedule; each period holds round(share * period) samples of
+    # every source, shuffled by a seeded permutation. Larger = finer shares, same cost per sample.
+    mixture_period: int = Field(1000, ge=1)
+    # Pin the tokenizer: shards made with another tokenizer are refused.
+    tokenizer_sha256: str | None = None
+
+
+class OptimConfig(StrictModel):
+    """AdamW; weight decay is not applied to norms, biases and embeddings."""
+
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleConfig(StrictModel):
+    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (linear decay at the end)."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # wsd: fraction of max_steps spent in the final decay.
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+
+
+class BatchConfig(StrictModel):
+    micro_batch: int = Field(1, ge=1)  # sequences per rank per forward
+    grad_accum: int = Field(1, ge=1)
+    # Optional: the global batch you expect; checked against micro x accum x dp at start-up.
+    global_batch: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(StrictModel):
+    dir: str | None = None  # None = <run_dir>/checkpoints
+    interval: int = Field(1000, ge=1)  # steps between saves (plus one at the end / preemption)
+    keep_last: int = Field(2, ge=1)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete save
+
+
+class EvalConfig(StrictModel):
+    interval: int = Field(0, ge=0)  # steps between validation passes; 0 = off
+    max_batches: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # validation sequences per rank per forward
+
+
+class LoggingConfig(StrictModel):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mixture-of-parrots"
+    run_name: str | None = None
+    log_interval: int = Field(10, ge=1)
+    # Peak dense TFLOP/s of one device in the training precision (H100 SXM bf16: 989); None =
+    # MFU not reported.
+    peak_tflops: float | None = Field(None, gt=0)
+    expert_load_by_source: bool = True  # extra no-grad forward per source on log steps (MoE)
+
+
+class ParallelConfig(StrictModel):
+    """Model parallel degrees; data parallel is what is left of the world size."""
+
+    tensor_parallel: int = Field(1, ge=1)
+    expert_parallel: int = Field(1, ge=1)
+
+
+class TrainConfig(StrictModel):
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    batch: BatchConfig = BatchConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    # ZeRO 1-3. Stage 0 is refused: the skip of non-finite steps relies on the ZeRO optimizer's
+    # overflow check (DeepSpeed applies a plain optimizer's step whatever the gradients hold).
+    zero_stage: int = Field(1, ge=1, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    max_steps: int = Field(ge=1)
+    max_nonfinite_in_a_row: int = Field(5, ge=1)
+    run_dir: str
+    seed: int = Field(0, ge=0)  # model init and per-rank RNG seeds
+    deterministic: bool = True  # torch.use_deterministic_algorithms (exact resume)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_path(cls, v):
+        if isinstance(v, str):
+            return load_config(ModelConfig, resolve_path(v)).model_dump(mode="json")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} > model.max_seq_len={self.model.max_seq_len}"
+            )
+        if self.schedule.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} > max_steps={self.max_steps}"
+            )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+
+def resolve_path(path: str) -> str:
+    """A relative config path: the working directory first, then the repository root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    if (REPO_ROOT / p).exists():
+        return str(REPO_ROOT / p)
+    raise ConfigError(f"model config file not found: {path} (nor under {REPO_ROOT})")
+
+
+@dataclass(frozen=True)
+class DerivedSizes:
+    world_size: int
+    dp: int
+    tp: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int  # sequences per optimizer step, all ranks
+    tokens_per_step: int
+
+
+def derived_sizes(cfg: TrainConfig, world_size: int) -> DerivedSizes:
+    """World layout and batch sizes, derived once; a wrong combination is a ConfigError."""
+    tp = cfg.parallel.tensor_parallel
+    if world_size % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} does not divide the world size {world_size} "
+            "(tp x dp must equal the number of processes)"
+        )
+    dp = world_size // tp
+    global_batch = cfg.batch.micro_batch * cfg.batch.grad_accum * dp
+    if cfg.batch.global_batch is not None and cfg.batch.global_batch != global_batch:
+        raise ConfigError(
+            f"batch.global_batch={cfg.batch.global_batch} but micro_batch "
+            f"{cfg.batch.micro_batch} x grad_accum {cfg.batch.grad_accum} x dp {dp} = "
+            f"{global_batch}; change grad_accum or micro_batch (or drop global_batch)"
+        )
+    return DerivedSizes(
+        world_size=world_size,
+        dp=dp,
+        tp=tp,
+        micro_batch=cfg.batch.micro_batch,
+        grad_accum=cfg.batch.grad_accum,
+        global_batch=global_batch,
+        tokens_per_step=global_batch * cfg.data.seq_len,
+    )
+
+
+def resolve_precision(cfg: TrainConfig, cuda: bool) -> Literal["fp32", "bf16"]:
+    if cfg.precision == "auto":
+        return "bf16" if cuda else "fp32"
+    return cfg.precision

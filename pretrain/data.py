@@ -1,0 +1,250 @@
+"""Training data: memmap reader over the manifest's train shards and a pure-function sample order.
+
+Global sample i is computed from (seed, i) alone, with no per-run state:
+
+1. Source. Samples are grouped in periods of `mixture_period` slots. Each period holds
+   round(share * period) slots of every source (largest remainder, so the counts sum to the
+   period), shuffled by a seeded bijection keyed on (seed, period index). The k-th sample of
+   source s is then `period * count_s + (earlier slots of s in this period)`.
+2. Window. Each source's train shards, concatenated in manifest order, are cut into windows of
+   seq_len + 1 tokens with stride seq_len (the last token of a window is the first of the next,
+   so every token is a target exactly once). Sample k of source s is window
+   perm_{seed, s, epoch}(k mod W_s), epoch = k // W_s: every epoch visits every window once,
+   in a different order, and a source smaller than its planned share simply repeats.
+
+The bijections are Feistel networks over the next power of four with cycle walking, so a
+permutation of billions of windows costs nothing to hold. Data parallel rank r of dp takes
+the samples i of each global batch with i % dp == r; the union over ranks is the same for any
+dp, so a run resumed on another number of GPUs (same global batch) sees the same samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.manifest import PLAN, check_tokenizer, load_manifest
+from data_prep.shards import ShardReader
+from mop.errors import DataError
+from mop.fileio import read_json
+from pretrain.config import DataConfig
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(*values: int) -> int:
+    """splitmix64 over a sequence of ints: a cheap, well-mixed, platform-independent hash."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+class FeistelPermutation:
+    """A seeded bijection of range(n), evaluated one index at a time (O(1) memory)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: int):
+        if n < 1:
+            raise ValueError("permutation of an empty range")
+        self.n, self.key = n, key
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+
+    def _encrypt(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for r in range(self.ROUNDS):
+            left, right = right, left ^ (mix64(self.key, r, right) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} outside range({self.n})")
+        x = self._encrypt(i)
+        while x >= self.n:  # cycle walking: the domain is < 4n, so few repeats on average
+            x = self._encrypt(x)
+        return x
+
+
+def largest_remainder(total: int, shares: list[float]) -> list[int]:
+    raw = [total * s / sum(shares) for s in shares]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda j: (counts[j] - raw[j], j))
+    for j in order[: total - sum(counts)]:
+        counts[j] += 1
+    return counts
+
+
+class SourceSchedule:
+    """Which source global sample i comes from, and its index within that source."""
+
+    def __init__(self, shares: list[float], period: int, seed: int):
+        self.period, self.seed = period, seed
+        self.counts = largest_remainder(period, shares)
+        self.base = np.repeat(np.arange(len(shares)), self.counts)
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a few periods per object, freed with it
+    def _period(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        perm = FeistelPermutation(self.period, mix64(self.seed, 0x5C4ED, p))
+        sources = self.base[[perm(j) for j in range(self.period)]]
+        ranks = np.zeros(self.period, dtype=np.int64)
+        seen = np.zeros(len(self.counts), dtype=np.int64)
+        for j, s in enumerate(sources):
+            ranks[j] = seen[s]
+            seen[s] += 1
+        return sources, ranks
+
+    def locate(self, i: int) -> tuple[int, int]:
+        p, slot = divmod(i, self.period)
+        sources, ranks = self._period(p)
+        s = int(sources[slot])
+        return s, p * self.counts[s] + int(ranks[slot])
+
+
+class SourceStream:
+    """One source's train shards, concatenated, cut into seq_len + 1 windows (stride seq_len)."""
+
+    def __init__(self, label: str, readers: list[ShardReader], seq_len: int):
+        self.label, self.readers, self.seq_len = label, readers, seq_len
+        sizes = [r.num_tokens for r in readers]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        total = int(self.starts[-1])
+        self.num_windows = (total - 1) // seq_len if total > seq_len else 0
+        if self.num_windows == 0:
+            raise DataError(
+                f"source {label!r} has {total} training tokens, fewer than one sequence of "
+                f"{seq_len + 1}"
+            )
+
+    def window(self, j: int) -> np.ndarray:
+        a, b = j * self.seq_len, j * self.seq_len + self.seq_len + 1
+        first = int(np.searchsorted(self.starts, a, side="right")) - 1
+        parts, pos, k = [], a, first
+        while pos < b:  # a window may span the end of one shard and the start of the next
+            r = self.readers[k]
+            lo, hi = (
+                pos - int(self.starts[k]),
+                min(b, int(self.starts[k + 1])) - int(self.starts[k]),
+            )
+            parts.append(np.asarray(r.tokens[lo:hi]))
+            pos += hi - lo
+            k += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64
+    targets: torch.Tensor  # [B, T] int64, shifted by one
+    source_ids: torch.Tensor  # [B] int64, index into TrainData.labels
+    sample_ids: list[int]  # global sample indices, for checks and debugging
+
+
+class TrainData:
+    """The training stream of a data directory: `sample(i)` and per-rank micro-batches."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, cfg: DataConfig):
+        self.data_dir = Path(data_dir)
+        self.seq_len, self.seed = cfg.seq_len, cfg.seed
+        plan = read_json(self.data_dir / manifest.get("mixture_plan", PLAN))["sources"]
+        # Sorted labels: the order must not depend on dict order in a JSON file.
+        self.labels = sorted(k for k, v in plan.items() if v["share"] > 0)
+        if not self.labels:
+            raise DataError(f"mixture plan in {self.data_dir} has no source with a positive share")
+        self.shares = [float(plan[k]["share"]) for k in self.labels]
+        self.streams = []
+        for label in self.labels:
+            recs = [s for s in manifest["shards"] if s["source"] == label and s["split"] == "train"]
+            if not recs:
+                raise DataError(f"source {label!r} is in the mixture plan but has no train shards")
+            readers = [ShardReader(self.data_dir / r["path"], r["dtype"]) for r in recs]
+            self.streams.append(SourceStream(label, readers, cfg.seq_len))
+        self.schedule = SourceSchedule(self.shares, cfg.mixture_period, cfg.seed)
+        for label, count in zip(self.labels, self.schedule.counts):
+            if count == 0:
+                raise DataError(
+                    f"source {label!r} gets no slot in a mixture period of {cfg.mixture_period}; "
+                    "raise data.mixture_period"
+                )
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global sample i -> (source index, window index). Pure in (seed, i)."""
+        s, k = self.schedule.locate(i)
+        stream = self.streams[s]
+        epoch, r = divmod(k, stream.num_windows)
+        perm = FeistelPermutation(stream.num_windows, mix64(self.seed, 0xE9_0C, s, epoch))
+        return s, perm(r)
+
+    def sample(self, i: int) -> tuple[int, np.ndarray]:
+        s, w = self.locate(i)
+        return s, self.streams[s].window(w)
+
+    def rank_samples(self, first: int, global_batch: int, dp: int, rank: int) -> list[int]:
+        """This rank's global sample indices of the global batch that starts at `first`."""
+        return [i for i in range(first, first + global_batch) if (i - first) % dp == rank]
+
+    def micro_batches(
+        self, first: int, global_batch: int, dp: int, rank: int, micro: int
+    ) -> list[Batch]:
+        ids = self.rank_samples(first, global_batch, dp, rank)
+        return [self.collate(ids[a : a + micro]) for a in range(0, len(ids), micro)]
+
+    def collate(self, ids: list[int]) -> Batch:
+        sources, windows = zip(*(self.sample(i) for i in ids))
+        arr = torch.from_numpy(np.stack(windows).astype(np.int64))
+        return Batch(
+            input_ids=arr[:, :-1].contiguous(),
+            targets=arr[:, 1:].contiguous(),
+            source_ids=torch.tensor(sources, dtype=torch.int64),
+            sample_ids=list(ids),
+        )
+
+
+class ValidationSet:
+    """The fixed held-out sequences of the manifest (each document one sequence)."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict):
+        rec = manifest.get("validation")
+        if not rec or not rec.get("num_sequences"):
+            raise DataError(f"no validation sequences in the manifest of {data_dir}")
+        self.reader = ShardReader(Path(data_dir) / rec["path"], rec["dtype"])
+        self.seq_len = int(rec["seq_len"])
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def batches(self, dp: int, rank: int, batch_size: int, max_batches: int):
+        """Yield (input_ids, targets) of this rank's share; the same sequences every time."""
+        ids = list(range(rank, len(self), dp))[: batch_size * max_batches]
+        for a in range(0, len(ids), batch_size):
+            arr = np.stack([np.asarray(self.reader.document(i)) for i in ids[a : a + batch_size]])
+            t = torch.from_numpy(arr.astype(np.int64))
+            yield t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def open_manifest(cfg: DataConfig, vocab_size: int, pinned_sha256: str | None = None) -> dict:
+    """Load and check a data directory's manifest against the tokenizer and the model.
+
+    `pinned_sha256` (e.g. from a checkpoint) and `cfg.tokenizer_sha256` both pin the tokenizer.
+    """
+    manifest = load_manifest(cfg.data_dir)
+    for pin in (cfg.tokenizer_sha256, pinned_sha256):
+        if pin:
+            check_tokenizer(manifest, pin, where=cfg.data_dir)
+    tok_vocab = int(manifest["tokenizer"]["vocab_size"])
+    if tok_vocab > vocab_size:
+        raise DataError(
+            f"tokenizer of {cfg.data_dir} has {tok_vocab} tokens but model.vocab_size is "
+            f"{vocab_size}; set model.vocab_size={tok_vocab} (or larger)"
+        )
+    return manifest

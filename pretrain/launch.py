@@ -1,0 +1,59 @@
+"""Process layout from the launcher's environment, and torch.distributed start-up.
+
+torchrun / the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK; srun sets SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID. A plain `python -m pretrain` is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_env(env: dict[str, str] | None = None) -> DistEnv:
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return DistEnv(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_env(de: DistEnv, cuda: bool) -> None:
+    """Environment that deepspeed/torch.distributed read; call before importing deepspeed."""
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", str(de.rank))
+    os.environ.setdefault("WORLD_SIZE", str(de.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(de.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if de.world_size == 1:
+        # A free port, so that concurrent single-process runs on one machine do not collide.
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = "29500"  # srun: set MASTER_ADDR/PORT in the sbatch script
+
+
+def init_distributed(de: DistEnv, cuda: bool) -> None:
+    import deepspeed
+    import torch
+
+    if cuda:
+        torch.cuda.set_device(de.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)

@@ -1,0 +1,125 @@
+"""Metrics: metrics.jsonl always (rank 0), wandb (offline by default) when enabled.
+
+Only values computed by the trainer and the resolved config reach wandb; never the environment
+(tokens and cluster variables live there). On resume, lines of steps after the checkpoint are
+dropped so that metrics.jsonl holds each step once, as the resumed run computes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mop.fileio import atomic_write_text
+from pretrain.config import LoggingConfig
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, devices: int, peak_tflops: float | None):
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak."""
+    if not peak_tflops or tokens_per_s <= 0:
+        return None
+    return flops_per_token * tokens_per_s / (devices * peak_tflops * 1e12)
+
+
+def expert_load(stats: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per-layer expert load from the model's expert_stats (MoE layers only)."""
+    out: dict[str, Any] = {}
+    for layer, s in enumerate(stats):
+        if "tokens_per_expert_frac" in s:
+            out[f"expert_load/layer{layer}"] = [
+                round(float(x), 6) for x in s["tokens_per_expert_frac"]
+            ]
+        if "max_imbalance" in s:
+            out[f"expert_imbalance/layer{layer}"] = float(s["max_imbalance"])
+    return out
+
+
+@torch.no_grad()
+def expert_load_by_source(
+    model: torch.nn.Module, input_ids: torch.Tensor, source_ids: torch.Tensor, labels: list[str]
+) -> dict[str, Any]:
+    """Expert load of each layer for the sequences of each data source (one extra no-grad
+    forward per source present; only called on log steps)."""
+    out: dict[str, Any] = {}
+    for s in torch.unique(source_ids).tolist():
+        res = model(input_ids[source_ids == s])
+        for layer, st in enumerate(res.expert_stats):
+            if "tokens_per_expert_frac" in st:
+                out[f"expert_load_by_source/{labels[s]}/layer{layer}"] = [
+                    round(float(x), 6) for x in st["tokens_per_expert_frac"]
+                ]
+    return out
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a no-op logger."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: LoggingConfig,
+        config_dict: dict,
+        rank: int,
+        resume_step: int | None,
+    ):
+        self.active = rank == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._wandb = None
+        if not self.active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if cfg.wandb_mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.project,
+                name=cfg.run_name,
+                mode=cfg.wandb_mode,
+                dir=str(run_dir),
+                config=config_dict,
+                resume="allow",
+            )
+
+    def _truncate_after(self, step: int | None) -> None:
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if step is not None and rec.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        rec = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        if self._wandb is not None:
+            scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._fh.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v

@@ -1,0 +1,313 @@
+"""The training loop: short, with logging, eval and checkpoint policy as callbacks.
+
+Exit codes (also returned by `python -m pretrain`):
+
+- 0 `max_steps` reached (a final checkpoint is written).
+- REQUEUE_EXIT_CODE = 124: SIGTERM or SIGUSR1 arrived (SLURM preemption / time limit signal);
+  the current step was finished, a checkpoint written, and the job should be requeued. The
+  sbatch templates requeue on this code; the next run resumes from the checkpoint.
+- NONFINITE_EXIT_CODE = 65: `max_nonfinite_in_a_row` consecutive steps had a non-finite loss or
+  gradient. Nothing is saved after the first of them, so the newest checkpoint is the last good
+  one; lower the lr or inspect the data before resuming.
+
+A step with a non-finite loss or gradient makes no optimizer update (DeepSpeed's ZeRO optimizer
+skips it and leaves the lr schedule where it was); its samples are consumed, and it is counted
+in `skipped_steps`. `max_steps` counts attempted steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mop.config import save_resolved, to_yaml
+from mop.errors import DataError
+from pretrain import checkpoint
+from pretrain.config import DerivedSizes, TrainConfig
+from pretrain.data import Batch, TrainData, ValidationSet
+from pretrain.metrics import MetricsLogger, expert_load, expert_load_by_source, mfu
+from pretrain.model.accounting import model_size
+from pretrain.model.transformer import lm_loss
+from pretrain.parallel import Mesh
+
+REQUEUE_EXIT_CODE = 124
+NONFINITE_EXIT_CODE = 65
+
+
+@dataclass
+class TrainState:
+    """What the loop carries; saved as the checkpoint's client state."""
+
+    step: int = 0
+    samples: int = 0  # global samples consumed = position in the pure-function sample order
+    tokens: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    applied: bool
+    grad_norm: float | None
+    seconds: float
+    last_batch: Batch
+    expert_stats: list = field(default_factory=list)
+
+
+def _all_reduce_mean(values: list[float], dp: int) -> list[float]:
+    if dp == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dp).tolist()
+
+
+class Callback:
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        """Called on every rank after each step (collectives are allowed)."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        engine,
+        data: TrainData,
+        val: ValidationSet | None,
+        sizes: DerivedSizes,
+        mesh: Mesh,
+        tokenizer_sha256: str,
+        callbacks: list[Callback],
+    ):
+        self.cfg, self.engine, self.data, self.val = cfg, engine, data, val
+        self.sizes, self.mesh, self.tokenizer_sha256 = sizes, mesh, tokenizer_sha256
+        self.callbacks = callbacks
+        self.state = TrainState()
+        self.stop_requested = False
+
+    # Signals ----------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            # Only set a flag: the step in flight finishes, then the loop saves and exits.
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_agreed(self) -> bool:
+        if self.mesh.world_size == 1:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled -> all stop together
+        return bool(flag.item())
+
+    # Checkpoints ------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        # One namespaced key: DeepSpeed keeps names such as `skipped_steps` for itself and
+        # drops them from the client state it hands back.
+        return {
+            "mop": {
+                **self.state.as_dict(),
+                "tokenizer_sha256": self.tokenizer_sha256,
+                "world_size": self.mesh.world_size,
+                "global_batch": self.sizes.global_batch,
+                "config_yaml": to_yaml(self.cfg),
+            }
+        }
+
+    def save(self) -> None:
+        checkpoint.save(
+            self.engine,
+            self.cfg.checkpoint_dir,
+            self.state.step,
+            self.client_state(),
+            self.mesh.rank,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def resume(self) -> str | None:
+        if self.cfg.checkpoint.resume == "never":
+            return None
+        loaded = checkpoint.load(self.engine, self.cfg.checkpoint_dir, self.mesh.rank)
+        if loaded is None:
+            return None
+        cs = loaded.client_state["mop"]
+        if cs.get("tokenizer_sha256") != self.tokenizer_sha256:
+            raise DataError(
+                f"checkpoint {loaded.tag} was trained with tokenizer "
+                f"{str(cs.get('tokenizer_sha256'))[:12]}..., the data now uses "
+                f"{self.tokenizer_sha256[:12]}...; point data.data_dir at matching shards"
+            )
+        for key in self.state.as_dict():
+            setattr(self.state, key, int(cs[key]))
+        return loaded.tag
+
+    # The loop ---------------------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        engine, st = self.engine, self.state
+        t0 = time.perf_counter()
+        skipped_before = engine.skipped_steps
+        batches = self.data.micro_batches(
+            st.samples,
+            self.sizes.global_batch,
+            self.mesh.dp,
+            self.mesh.dp_rank,
+            self.sizes.micro_batch,
+        )
+        lm_sum = aux_sum = 0.0
+        for mb in batches:
+            out = engine(mb.input_ids.to(engine.device))
+            lm = lm_loss(out.logits, mb.targets.to(engine.device))
+            loss = lm + out.aux_loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            lm_sum += float(lm.detach())
+            aux_sum += float(out.aux_loss.detach())
+        n = len(batches)
+        lm_mean, aux_mean = _all_reduce_mean([lm_sum / n, aux_sum / n], self.mesh.dp)
+        applied = engine.skipped_steps == skipped_before
+        norm = engine.get_global_grad_norm()
+        return StepResult(
+            loss=lm_mean + aux_mean,
+            lm_loss=lm_mean,
+            aux_loss=aux_mean,
+            applied=applied and math.isfinite(lm_mean + aux_mean),
+            grad_norm=None if norm is None else float(norm),
+            seconds=time.perf_counter() - t0,
+            last_batch=batches[-1],
+            expert_stats=out.expert_stats,
+        )
+
+    def fit(self) -> int:
+        """Run to max_steps; returns the process exit code (see the module docstring)."""
+        st, cfg = self.state, self.cfg
+        while st.step < cfg.max_steps:
+            result = self.train_step()
+            st.step += 1
+            st.samples += self.sizes.global_batch
+            st.tokens += self.sizes.tokens_per_step
+            if result.applied:
+                st.nonfinite_in_a_row = 0
+            else:
+                st.skipped_steps += 1
+                st.nonfinite_in_a_row += 1
+            for cb in self.callbacks:
+                cb.on_step_end(self, result)
+            if st.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                if self.mesh.rank == 0:
+                    print(
+                        f"[train] {st.nonfinite_in_a_row} non-finite steps in a row at step "
+                        f"{st.step}: stopping; the newest checkpoint is the last good one",
+                        flush=True,
+                    )
+                return NONFINITE_EXIT_CODE
+            stop = self._stop_agreed()
+            # No save while the last step was skipped: the newest checkpoint stays a good one.
+            if result.applied and (
+                stop or st.step % cfg.checkpoint.interval == 0 or st.step == cfg.max_steps
+            ):
+                self.save()
+            if stop:
+                if self.mesh.rank == 0:
+                    print(f"[train] stop signal: saved step {st.step}, exit {REQUEUE_EXIT_CODE}")
+                return REQUEUE_EXIT_CODE
+        return 0
+
+
+class LoggingCallback(Callback):
+    """metrics.jsonl / wandb every `log_interval` steps: loss, lr, grad norm, throughput, MFU,
+    expert load per layer and per data source, skipped steps."""
+
+    def __init__(self, logger: MetricsLogger, cfg: TrainConfig, flops_per_token: float):
+        self.logger, self.cfg, self.flops_per_token = logger, cfg, flops_per_token
+        self._seconds = 0.0
+        self._steps = 0
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        self._seconds += result.seconds
+        self._steps += 1
+        st = trainer.state
+        if st.step % self.cfg.logging.log_interval and st.step != self.cfg.max_steps:
+            return
+        tokens_per_s = trainer.sizes.tokens_per_step * self._steps / max(self._seconds, 1e-9)
+        values: dict[str, Any] = {
+            "loss": result.loss,
+            "lm_loss": result.lm_loss,
+            "aux_loss": result.aux_loss,
+            "lr": trainer.engine.get_lr()[0],
+            "grad_norm": result.grad_norm,
+            "step_applied": result.applied,
+            "skipped_steps": st.skipped_steps,
+            "samples": st.samples,
+            "tokens": st.tokens,
+            "tokens_per_s": tokens_per_s,
+        }
+        m = mfu(
+            self.flops_per_token,
+            tokens_per_s,
+            trainer.mesh.world_size,
+            self.cfg.logging.peak_tflops,
+        )
+        if m is not None:
+            values["mfu"] = m
+        values.update(expert_load(result.expert_stats))
+        if self.cfg.logging.expert_load_by_source and result.expert_stats:
+            b = result.last_batch
+            with torch.no_grad():
+                values.update(
+                    expert_load_by_source(
+                        trainer.engine.module, b.input_ids, b.source_ids, trainer.data.labels
+                    )
+                )
+        self.logger.log(st.step, values)
+        self._seconds, self._steps = 0.0, 0
+
+
+class EvalCallback(Callback):
+    """Validation loss and perplexity on the fixed held-out sequences every `eval.interval`."""
+
+    def __init__(self, logger: MetricsLogger, cfg: TrainConfig):
+        self.logger, self.cfg = logger, cfg
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        ev = self.cfg.eval
+        if not ev.interval or trainer.val is None or trainer.state.step % ev.interval:
+            return
+        model = trainer.engine.module
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)  # sum of token losses, token count
+        with torch.no_grad():
+            for inp, tgt in trainer.val.batches(
+                trainer.mesh.dp, trainer.mesh.dp_rank, ev.batch_size, ev.max_batches
+            ):
+                logits = model(inp.to(trainer.engine.device)).logits
+                total[0] += float(lm_loss(logits, tgt.to(logits.device))) * tgt.numel()
+                total[1] += tgt.numel()
+        model.train()
+        if trainer.mesh.dp > 1:
+            dist.all_reduce(total)
+        val_loss = float(total[0] / total[1].clamp_min(1))
+        self.logger.log(trainer.state.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+
+
+def flops_per_token(cfg: TrainConfig) -> float:
+    return model_size(cfg.model, seq_len=cfg.data.seq_len).flops_per_token
+
+
+def write_run_config(cfg: TrainConfig, rank: int) -> None:
+    if rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")

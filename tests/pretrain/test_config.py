@@ -1,0 +1,98 @@
+"""TrainConfig validation, derived sizes, the DeepSpeed dict, the lr schedule, --dry-run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mop.config import load_config
+from mop.errors import ConfigError
+from pretrain.__main__ import main
+from pretrain.config import TrainConfig, derived_sizes, resolve_precision
+from pretrain.deepspeed_config import deepspeed_config
+from pretrain.parallel import build_mesh, parallelize
+from pretrain.schedule import lr_multiplier
+from tests.pretrain.conftest import REPO
+
+TINY = REPO / "configs/train/tiny_cpu.yaml"
+PAPER = REPO / "configs/train/paper_moe_d512_e8.yaml"
+
+
+def test_configs_load_and_model_path_resolves():
+    cfg = load_config(TrainConfig, TINY)
+    assert cfg.model.ffn == "moe" and cfg.model.vocab_size == 512
+    paper = load_config(TrainConfig, PAPER)
+    assert paper.model.n_layers == 20 and paper.precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("zero_stage=0", "zero_stage"),
+        ("data.seq_len=4096", "max_seq_len"),
+        ("optim.betas=[0.9,1.0]", "beta"),
+        ("schedule.warmup_steps=1000", "warmup_steps"),
+        ("bogus=1", "unknown config field"),
+        ("model=configs/model/nope.yaml", "not found"),
+    ],
+)
+def test_bad_values_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, TINY, [override])
+
+
+def test_global_batch_derived_and_checked():
+    cfg = load_config(TrainConfig, PAPER, ["batch.global_batch=512"])
+    sizes = derived_sizes(cfg, world_size=8)
+    assert (sizes.dp, sizes.global_batch, sizes.tokens_per_step) == (8, 512, 512 * 2048)
+    with pytest.raises(ConfigError, match="global_batch=512"):
+        derived_sizes(cfg, world_size=4)
+    tp = load_config(TrainConfig, PAPER, ["parallel.tensor_parallel=3"])
+    with pytest.raises(ConfigError, match="tp x dp"):
+        derived_sizes(tp, world_size=8)
+
+
+def test_parallelize_refuses_tp_ep_for_now():
+    cfg = load_config(TrainConfig, TINY, ["parallel.expert_parallel=2"])
+    mesh = build_mesh(cfg, world_size=2, rank=0)
+    with pytest.raises(ConfigError, match="only 1 is supported"):
+        parallelize(object(), cfg, mesh)
+    with pytest.raises(ConfigError, match="num_experts"):
+        build_mesh(load_config(TrainConfig, TINY, ["parallel.expert_parallel=3"]), 3, 0)
+
+
+def test_deepspeed_dict():
+    cfg = load_config(TrainConfig, PAPER)
+    sizes = derived_sizes(cfg, 8)
+    ds = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda=True), cuda=True)
+    assert ds["train_batch_size"] == 16 * 4 * 8
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"] == {"stage": 1}
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and "torch_adam" not in ds["optimizer"]["params"]
+    cpu = load_config(TrainConfig, TINY)
+    ds_cpu = deepspeed_config(cpu, derived_sizes(cpu, 1), resolve_precision(cpu, False), False)
+    assert "bf16" not in ds_cpu and ds_cpu["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_schedules():
+    cfg = load_config(TrainConfig, TINY, ["schedule.warmup_steps=10", "max_steps=100"])
+    s = cfg.schedule
+    assert lr_multiplier(0, s, 100) == pytest.approx(0.1)
+    assert lr_multiplier(9, s, 100) == pytest.approx(1.0)
+    assert lr_multiplier(100, s, 100) == pytest.approx(s.min_lr_ratio)
+    wsd = cfg.schedule.model_copy(update={"kind": "wsd", "decay_fraction": 0.2})
+    assert lr_multiplier(79, wsd, 100) == 1.0
+    assert lr_multiplier(90, wsd, 100) == pytest.approx(1 - (1 - s.min_lr_ratio) * 0.5)
+    assert lr_multiplier(100, wsd, 100) == pytest.approx(s.min_lr_ratio)
+
+
+def test_dry_run_prints_resolved_config(capsys, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["--config", str(TINY), "batch.grad_accum=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    ds = json.loads(out.split("# deepspeed: ")[1])
+    assert ds["gradient_accumulation_steps"] == 3 and "d_model: 64" in out
+    assert main(["--config", str(TINY), "zero_stage=7", "--dry-run"]) == 2
