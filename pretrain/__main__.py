@@ -3,7 +3,7 @@
 Works in one CPU process, under torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
 LOCAL_RANK) and under srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). `--dry-run` prints the
 resolved config, the derived sizes and the DeepSpeed config, and touches no device.
-Exit codes: see pretrain/trainer.py (0 done, 124 requeue after a stop signal, 65 non-finite).
+Exit codes: see pretrain/trainer.py (0 done, 75 (EX_TEMPFAIL) requeue after a stop signal, 65 non-finite).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Exit codes (also returned by `python -m pretrain`):
 
 - 0 `max_steps` reached (a final checkpoint is written).
-- REQUEUE_EXIT_CODE = 124: SIGTERM or SIGUSR1 arrived (SLURM preemption / time limit signal);
+- REQUEUE_EXIT_CODE = 75 (EX_TEMPFAIL, not `timeout`'s 124): SIGTERM or SIGUSR1 arrived (SLURM preemption / time limit signal);
   the current step was finished, a checkpoint written, and the job should be requeued. The
   sbatch templates requeue on this code; the next run resumes from the checkpoint.
 - NONFINITE_EXIT_CODE = 65: `max_nonfinite_in_a_row` consecutive steps had a non-finite loss or
@@ -37,7 +37,7 @@ from pretrain.model.accounting import model_size
 from pretrain.model.transformer import lm_loss
 from pretrain.parallel import Mesh
 
-REQUEUE_EXIT_CODE = 124
+REQUEUE_EXIT_CODE = 75
 NONFINITE_EXIT_CODE = 65
 
 
