@@ -3,7 +3,8 @@
     python -m slurm.submit data CONFIG --tasks 64 [key=value ...] [--dry-run]
         tokenizer job -> tokenize array (afterok) -> merge (afterok)
     python -m slurm.submit sweep TRAIN_CONFIG --models configs/model/moe_d512_e*.yaml [--dry-run]
-        one training job per model config (slurm/train.sbatch), each requeueing itself
+        one training job per model config (slurm/train.sbatch), each requeueing itself;
+        run_dir=runs/<model name>; every job's config is validated before anything is submitted
 
 Job ids come from `sbatch --parsable`. `--dry-run` prints the sbatch commands with
 placeholder ids instead of submitting. Extra `--sbatch` arguments (account, partition,
@@ -85,13 +86,23 @@ def submit_sweep(
         if not Path(model).is_file():
             raise UserError(f"model config not found: {model}")
         name = Path(model).stem
-        args = [config, f"model={model}", f"run_name={name}", *overrides]
+        job_overrides = [f"model={model}", f"run_dir=runs/{name}", f"logging.run_name={name}"]
+        job_overrides += overrides
+        _check_train_config(config, job_overrides)  # a bad value fails here, not in the queue
+        args = [config, *job_overrides]
         jobs.append(
             sub.sbatch(
                 "train.sbatch", args, options=[f"--job-name=train-{name}"], after=after or None
             )
         )
     return jobs
+
+
+def _check_train_config(config: str, overrides: list[str]) -> None:
+    from mop.config import load_config
+    from pretrain.config import TrainConfig
+
+    load_config(TrainConfig, config, overrides)
 
 
 @cli_entry

@@ -67,14 +67,36 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
     overrides = train_overrides(
         data, run, max_steps=max_steps, **{"checkpoint.interval": 100, "eval.interval": 1000}
     )
-    env = {**os.environ, "PY": str(REPO / ".venv/bin/python"), "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1"}
-    job = subprocess.run(
-        ["sbatch", "--parsable", "--ntasks-per-node=1", "--gpus-per-node=0",
-         "--cpus-per-task=1", "--time=15", f"--output={logs}/%j.out", "--export=ALL",
-         str(REPO / "slurm/train.sbatch"), str(REPO / "configs/train/tiny_cpu.yaml"), *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
-    ).stdout.strip().split(";")[0]
+    env = {
+        **os.environ,
+        "PY": str(REPO / ".venv/bin/python"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    job = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--ntasks-per-node=1",
+                "--gpus-per-node=0",
+                "--cpus-per-task=1",
+                "--time=15",
+                f"--output={logs}/%j.out",
+                "--export=ALL",
+                str(REPO / "slurm/train.sbatch"),
+                str(REPO / "configs/train/tiny_cpu.yaml"),
+                *overrides,
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     log = logs / f"{job}.out"
     try:
         _wait(lambda: len(_metrics(run)) >= 20, 180, "the first training steps")

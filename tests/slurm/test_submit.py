@@ -98,3 +98,36 @@ def test_dry_run_and_errors(tmp_path):
 def test_sbatch_scripts_are_valid_bash():
     for script in (REPO / "slurm").glob("*.sbatch"):
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_sweep_validates_and_submits_one_job_per_model(tmp_path):
+    env = _fake_env(tmp_path)
+    models = [
+        str(REPO / "configs/model/tiny_dense.yaml"),
+        str(REPO / "configs/model/tiny_moe.yaml"),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.submit",
+        "sweep",
+        str(REPO / "configs/train/tiny_cpu.yaml"),
+        "--models",
+        *models,
+        "--after",
+        "77",
+        "max_steps=10",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2
+    assert all("--dependency=afterok:77" in c and "train.sbatch" in c for c in calls)
+    assert "run_dir=runs/tiny_dense" in calls[0] and "run_dir=runs/tiny_moe" in calls[1]
+    # a bad override is caught before anything is submitted
+    (tmp_path / "calls").unlink()
+    bad = subprocess.run(
+        [*cmd[:-1], "optim.lr=-1"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "optim.lr" in bad.stderr
+    assert not (tmp_path / "calls").exists()
