@@ -50,7 +50,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
     from pretrain.data import TrainData, ValidationSet, open_manifest
     from pretrain.metrics import MetricsLogger
     from pretrain.model.transformer import build_model
-    from pretrain.parallel import parallelize
+    from pretrain.parallel import build_mpu, init_process_groups, parallelize
     from pretrain.schedule import lr_multiplier
     from pretrain.trainer import (
         EvalCallback,
@@ -61,6 +61,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
     )
 
     init_distributed(de, cuda)
+    mesh = init_process_groups(mesh)  # tp / dp / ep groups, created in the same order everywhere
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Deterministic mode also fills every torch.empty with NaN; ZeRO allocates its
@@ -80,7 +81,11 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         )
 
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model), config=ds_cfg, lr_scheduler=schedule
+        model=model,
+        model_parameters=param_groups(model),
+        config=ds_cfg,
+        lr_scheduler=schedule,
+        mpu=build_mpu(mesh),  # ZeRO over the data-parallel group only
     )
     # Per-rank RNG streams (restored from the checkpoint on resume).
     random.seed(cfg.seed * 1009 + de.rank)
@@ -105,7 +110,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
     if de.rank == 0:
         where = f"resumed from {tag} (step {trainer.state.step})" if tag else "fresh start"
         print(
-            f"[train] {where}; world {de.world_size} (dp {mesh.dp}), global batch "
+            f"[train] {where}; world {de.world_size} (dp {mesh.dp}, tp {mesh.tp}), global batch "
             f"{sizes.global_batch} x {cfg.data.seq_len} tokens, {ds_cfg.get('bf16') and 'bf16' or 'fp32'}",
             flush=True,
         )

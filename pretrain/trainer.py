@@ -36,6 +36,7 @@ from pretrain.metrics import MetricsLogger, expert_load, expert_load_by_source, 
 from pretrain.model.accounting import model_size
 from pretrain.model.transformer import lm_loss
 from pretrain.parallel import Mesh
+from pretrain.parallel.tensor import vocab_parallel_lm_loss
 
 REQUEUE_EXIT_CODE = 75
 NONFINITE_EXIT_CODE = 65
@@ -67,12 +68,20 @@ class StepResult:
     expert_stats: list = field(default_factory=list)
 
 
-def _all_reduce_mean(values: list[float], dp: int) -> list[float]:
-    if dp == 1:
+def _all_reduce_mean(values: list[float], mesh: Mesh) -> list[float]:
+    # Over the data-parallel group: the tp ranks of one dp group already hold the same values.
+    if mesh.dp == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dp).tolist()
+    dist.all_reduce(t, group=mesh.dp_group)
+    return (t / mesh.dp).tolist()
+
+
+def batch_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """The LM loss of this rank's logits: vocab-sharded under tensor parallel."""
+    if mesh.tp > 1:
+        return vocab_parallel_lm_loss(logits, targets, mesh.tp_group)
+    return lm_loss(logits, targets)  # looked up at call time (the test fault wrapper wraps it)
 
 
 class Callback:
@@ -170,14 +179,14 @@ class Trainer:
         lm_sum = aux_sum = 0.0
         for mb in batches:
             out = engine(mb.input_ids.to(engine.device))
-            lm = lm_loss(out.logits, mb.targets.to(engine.device))
+            lm = batch_lm_loss(out.logits, mb.targets.to(engine.device), self.mesh)
             loss = lm + out.aux_loss
             engine.backward(loss)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             lm_sum += float(lm.detach())
             aux_sum += float(out.aux_loss.detach())
         n = len(batches)
-        lm_mean, aux_mean = _all_reduce_mean([lm_sum / n, aux_sum / n], self.mesh.dp)
+        lm_mean, aux_mean = _all_reduce_mean([lm_sum / n, aux_sum / n], self.mesh)
         applied = engine.skipped_steps == skipped_before
         norm = engine.get_global_grad_norm()
         return StepResult(
@@ -294,11 +303,12 @@ class EvalCallback(Callback):
                 trainer.mesh.dp, trainer.mesh.dp_rank, ev.batch_size, ev.max_batches
             ):
                 logits = model(inp.to(trainer.engine.device)).logits
-                total[0] += float(lm_loss(logits, tgt.to(logits.device))) * tgt.numel()
+                loss = batch_lm_loss(logits, tgt.to(logits.device), trainer.mesh)
+                total[0] += float(loss) * tgt.numel()
                 total[1] += tgt.numel()
         model.train()
         if trainer.mesh.dp > 1:
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=trainer.mesh.dp_group)
         val_loss = float(total[0] / total[1].clamp_min(1))
         self.logger.log(trainer.state.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
 

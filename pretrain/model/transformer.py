@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.model.attention import Attention
+from pretrain.model.attention import Attention, KVCache, LayerKV
 from pretrain.model.config import ModelConfig
 from pretrain.model.ffn import build_ffn, init_ffn
 from pretrain.model.norm import RMSNorm
@@ -44,8 +44,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: LayerKV | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         y, aux = self.ffn(self.ffn_norm(x))
         return x + y, aux
 
@@ -81,21 +88,44 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
     def forward(
-        self, input_ids: Tensor, return_hidden: bool = False, positions: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        return_hidden: bool = False,
+        positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids [B, T] -> ModelOutput. `positions` [T] defaults to 0..T-1."""
+        """input_ids [B, T] -> ModelOutput. `positions` [T] defaults to 0..T-1.
+
+        Generation only (training passes neither):
+        - `kv_cache` (from `new_kv_cache()`): the new tokens continue the cached ones; their
+          positions default to cache.length + 0..T-1, they attend to every cached token, and
+          their keys/values are appended to the cache.
+        - `attention_mask` [B, T] (1 = real token, 0 = padding) of the new tokens: padded keys are
+          never attended to (left padding for batched generation). Rotary scores depend only on
+          the distance between tokens, so a left-padded row scores as it would unpadded.
+        """
         t = input_ids.shape[1]
+        past = 0 if kv_cache is None else kv_cache.length
         if positions is None:
-            if t > self.cfg.max_seq_len:
-                raise ValueError(f"sequence length {t} > max_seq_len={self.cfg.max_seq_len}")
-            positions = torch.arange(t, device=input_ids.device)
+            if past + t > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {past + t} > max_seq_len={self.cfg.max_seq_len}")
+            positions = torch.arange(past, past + t, device=input_ids.device)
+        mask = None
+        if kv_cache is not None or attention_mask is not None:
+            mask = self._attention_mask(input_ids, past, kv_cache, attention_mask)
+        layer_caches = kv_cache.layers if kv_cache is not None else [None] * len(self.blocks)
         cos, sin = self.rotary(positions)
         x = self.embed(input_ids)
         aux_sums: dict[str, Tensor] = {}
         stats: list[dict[str, Tensor]] = []
-        for block in self.blocks:
-            x, aux = block(x, cos, sin)
+        for block, cache in zip(self.blocks, layer_caches):
+            # The default call stays (x, cos, sin): parallel wrappers replace block.forward.
+            x, aux = block(x, cos, sin) if mask is None else block(x, cos, sin, cache, mask)
             for key in LOSS_KEYS:
                 if key in aux:
                     aux_sums[key] = aux_sums.get(key, 0.0) + aux[key]
@@ -111,6 +141,37 @@ class Transformer(nn.Module):
             expert_stats=stats,
             hidden=h if return_hidden else None,
         )
+
+    def _attention_mask(
+        self, input_ids: Tensor, past: int, cache: KVCache | None, attention_mask: Tensor | None
+    ) -> Tensor:
+        """Boolean [B or 1, 1, T, past + T]: causal with the new tokens offset by `past`, padded
+        keys excluded. A token always sees itself, so a padding query row is never empty (an
+        all-masked row would give NaN that then leaks into real rows through the residual)."""
+        if not self.cfg.causal:
+            raise ValueError("a KV cache or padding mask needs a causal model (causal=true)")
+        b, t = input_ids.shape
+        dev = input_ids.device
+        q_pos = torch.arange(past, past + t, device=dev)[:, None]
+        k_pos = torch.arange(past + t, device=dev)[None, :]
+        mask = (k_pos <= q_pos)[None]  # [1, T, S]
+        key_mask = cache.key_mask if cache is not None else None
+        if attention_mask is not None or key_mask is not None:
+            new = (
+                attention_mask.to(device=dev, dtype=torch.bool)
+                if attention_mask is not None
+                else torch.ones(b, t, dtype=torch.bool, device=dev)
+            )
+            old = (
+                key_mask
+                if key_mask is not None
+                else torch.ones(b, past, dtype=torch.bool, device=dev)
+            )
+            key_mask = torch.cat((old, new), dim=1)  # [B, S]
+            if cache is not None:
+                cache.key_mask = key_mask
+            mask = (mask & key_mask[:, None, :]) | (k_pos == q_pos)[None]
+        return mask[:, None]
 
     def _weighted_aux(self, sums: dict[str, Tensor], like: Tensor) -> Tensor:
         total = like.new_zeros((), dtype=torch.float32)

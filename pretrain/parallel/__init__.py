@@ -1,58 +1,43 @@
 """Parallelism applied to a plain single-device model, in one ordered function.
 
 Order (torchtitan `parallelize.py`): tensor/sequence parallel -> expert parallel ->
-activation checkpointing -> compile -> the DeepSpeed engine (built by the trainer, last).
-Tensor and expert parallelism are not implemented yet: `parallelize` refuses degrees > 1.
+activation checkpointing -> compile -> the DeepSpeed engine (built by the entry point, last,
+with `build_mpu(mesh)` so ZeRO works over the data-parallel group only).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mop.errors import ConfigError
 from pretrain.config import TrainConfig
+from pretrain.parallel.mesh import Mesh, build_mesh, init_process_groups
+from pretrain.parallel.mpu import build_mpu
+from pretrain.parallel.tensor import apply_tensor_parallel
 
-
-@dataclass(frozen=True)
-class Mesh:
-    """Where this process sits: world = tp x dp; expert parallel lives inside dp."""
-
-    world_size: int
-    rank: int
-    dp: int
-    tp: int
-    ep: int
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp
-
-
-def build_mesh(cfg: TrainConfig, world_size: int, rank: int) -> Mesh:
-    tp, ep = cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel
-    if world_size % tp:
-        raise ConfigError(
-            f"tensor_parallel={tp} must divide the world size {world_size} (tp x dp = world)"
-        )
-    dp = world_size // tp
-    if dp % ep:
-        raise ConfigError(f"expert_parallel={ep} must divide the data-parallel size {dp}")
-    if cfg.model.ffn == "moe" and cfg.model.moe.num_experts % ep:
-        raise ConfigError(
-            f"expert_parallel={ep} must divide moe.num_experts={cfg.model.moe.num_experts}"
-        )
-    return Mesh(world_size=world_size, rank=rank, dp=dp, tp=tp, ep=ep)
+__all__ = [
+    "Mesh",
+    "apply_activation_checkpointing",
+    "build_mesh",
+    "build_mpu",
+    "init_process_groups",
+    "parallelize",
+]
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
-    if mesh.tp != 1 or mesh.ep != 1:
-        raise ConfigError(
-            f"tensor_parallel={mesh.tp}, expert_parallel={mesh.ep}: only 1 is supported so far "
-            "(data parallel via DeepSpeed ZeRO)"
-        )
+    """Apply tp/sp, ep and activation checkpointing in place; the mesh must have its groups."""
+    if mesh.ep > 1 and importlib.util.find_spec("pretrain.parallel.expert") is None:
+        raise ConfigError(f"expert_parallel={mesh.ep}: expert parallel is not available yet")
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh)
+    if mesh.ep > 1:
+        from pretrain.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, mesh)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     return model
