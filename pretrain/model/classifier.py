@@ -1,0 +1,120 @@
+"""Sequence classifier for the memorization (theory) task: real-valued inputs, one logit.
+
+The task's sequences are N Gaussian vectors in R^m with a +-1 label, so there are no tokens:
+an input Linear(m -> d) replaces the embedding, then the decoder's own `Block`s (attention +
+dense / MoE / Soft MoE / PEER FFN), the final RMSNorm, and a Linear(d -> 1) read at the LAST
+position (the paper predicts at the last token). `ClassifierConfig` is a `ModelConfig` plus
+`input_dim`, so every model YAML loads as one; `vocab_size` and `tie_embeddings` are unused.
+`causal` defaults to False here: the last position sees the whole sequence either way, and
+Soft MoE (which mixes all positions) needs it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from pretrain.model.accounting import attention_params, ffn_accounting
+from pretrain.model.config import ModelConfig
+from pretrain.model.ffn import init_ffn
+from pretrain.model.norm import RMSNorm
+from pretrain.model.rotary import RotaryEmbedding
+from pretrain.model.transformer import LOSS_KEYS, Block
+
+
+class ClassifierConfig(ModelConfig):
+    """A `ModelConfig` read as a sequence classifier over `input_dim`-dimensional vectors."""
+
+    input_dim: int = Field(32, ge=1)
+    causal: bool = False
+
+
+@dataclass
+class ClassifierOutput:
+    logits: Tensor  # [B]: logit of the label being +1
+    aux_loss: Tensor  # weighted MoE lb + z losses (0 without a routed MoE)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    expert_stats: list[dict[str, Tensor]] = field(default_factory=list)
+
+
+class SequenceClassifier(nn.Module):
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_proj = nn.Linear(cfg.input_dim, cfg.d_model)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, 1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The decoder's scheme (N(0, init_std), residual outputs scaled by 1/sqrt(2L));
+        the input projection is N(0, 1/m) so that unit-variance inputs give unit-scale
+        hidden states, and the head starts at zero (logit 0: no initial label preference)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.input_proj.weight, std=self.cfg.input_dim**-0.5)
+        nn.init.zeros_(self.input_proj.bias)
+        for block in self.blocks:
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            block.attn_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+            init_ffn(block.ffn, std, out_std)
+        self.norm.weight.fill_(1.0)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> ClassifierOutput:
+        """x [B, N, input_dim] float -> ClassifierOutput with logits [B]."""
+        t = x.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} > max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rotary(torch.arange(t, device=x.device))
+        h = self.input_proj(x)
+        sums: dict[str, Tensor] = {}
+        stats: list[dict[str, Tensor]] = []
+        for block in self.blocks:
+            h, aux = block(h, cos, sin)
+            for key in LOSS_KEYS:
+                if key in aux:
+                    sums[key] = sums.get(key, 0.0) + aux[key]
+            layer_stats = {k: v.detach() for k, v in aux.items() if k not in LOSS_KEYS}
+            if layer_stats:
+                stats.append(layer_stats)
+        logits = self.head(self.norm(h[:, -1])).squeeze(-1)
+        return ClassifierOutput(logits, self._weighted_aux(sums, logits), sums, stats)
+
+    def _weighted_aux(self, sums: dict[str, Tensor], like: Tensor) -> Tensor:
+        total = like.new_zeros((), dtype=torch.float32)
+        moe = self.cfg.moe if self.cfg.ffn == "moe" else None
+        if moe is not None:
+            total = total + moe.lb_loss_weight * sums.get("lb_loss", 0.0)
+            total = total + moe.z_loss_weight * sums.get("z_loss", 0.0)
+        return total
+
+
+def classifier_size(cfg: ClassifierConfig) -> tuple[int, int]:
+    """(total params, active params per token) from the config alone.
+
+    The decoder's accounting minus its embeddings and LM head: input projection m*d + d,
+    per layer attention + 2 norms + FFN, final norm d, head d + 1.
+    """
+    d = cfg.d_model
+    ffn_total, ffn_active, _ = ffn_accounting(cfg, cfg.max_seq_len)
+    per_layer = attention_params(cfg) + 2 * d
+    fixed = cfg.input_dim * d + d + d + d + 1
+    total = fixed + cfg.n_layers * (per_layer + ffn_total)
+    active = fixed + cfg.n_layers * (per_layer + ffn_active)
+    return total, active
+
+
+def build_classifier(cfg: ClassifierConfig) -> SequenceClassifier:
+    return SequenceClassifier(cfg)
