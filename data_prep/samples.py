@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from data_prep.sources import COSMOPEDIA_CONFIGS
+
 _WORD_LIST = (
     "the of and to in is was for on that with as by at from his her an which or be are "
     "this had not but they it were their have one all been has more when who there some "
@@ -442,16 +444,7 @@ def sample_rows(seed: int = 0) -> dict[str, dict[str, Any]]:
         },
         "gsm8k": gsm8k_row(rng, 0),
     }
-    for key in (
-        "web_samples_v1",
-        "web_samples_v2",
-        "stanford",
-        "stories",
-        "wikihow",
-        "openstax",
-        "khanacademy",
-        "auto_math_text",
-    ):
+    for key in COSMOPEDIA_CONFIGS:
         rows[f"cosmopedia_{key}"] = cosmopedia_row(rng, 0)
     for key, subset in (
         ("arxiv", "arxiv"),

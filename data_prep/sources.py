@@ -71,7 +71,7 @@ def _converted_parquet(repo: str, config: str) -> str:
     return f"hf://datasets/{repo}@refs%2Fconvert%2Fparquet/{config}/{{split}}/*.parquet"
 
 
-_COSMOPEDIA_CONFIGS = (
+COSMOPEDIA_CONFIGS = (
     "web_samples_v1",
     "web_samples_v2",
     "stanford",
@@ -110,7 +110,7 @@ def _build() -> dict[str, SourceSpec]:
                 r.render_text,
                 f"Cosmopedia v0.1 synthetic textbooks, config {cfg} (parquet)",
             )
-            for cfg in _COSMOPEDIA_CONFIGS
+            for cfg in COSMOPEDIA_CONFIGS
         ),
         _hub(
             "cosmopedia_v2",
