@@ -1,0 +1,184 @@
+"""`python -m eval --checkpoint RUN_DIR[/checkpoints/step_X] --suite ppl|knowledge|commonsense|
+math|synthetic|all [--limit N] [--data-dir DIR] [--benchmark-dir DIR] [--batch-size B]
+[--device D]`
+
+Writes (merges into) `results.json` beside the evaluated checkpoint (schema: eval/results.py)
+and prints a table of what it computed. `--suite` takes one name or a comma list; `all` is
+ppl + knowledge + commonsense + math (synthetic tasks only make sense for models trained on
+them, so they are asked for by name). Under torchrun every rank evaluates its share and rank 0
+writes the file.
+
+`--data-dir` replaces the training data directory recorded in the checkpoint (tokenizer,
+validation sequences, synthetic test set); `--benchmark-dir` holds local benchmark files for
+the lm-eval tasks (eval/tasks), else the harness reads its (offline) dataset cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from typing import Any
+
+from mop.errors import ConfigError, cli_entry
+
+SUITES = ("ppl", "knowledge", "commonsense", "math", "synthetic")
+ALL = ("ppl", "knowledge", "commonsense", "math")
+BENCHMARKS = ("knowledge", "commonsense", "math")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step dir or HF")
+    p.add_argument("--suite", required=True, help=f"{'|'.join(SUITES)}|all, or a comma list")
+    p.add_argument("--limit", type=int, help="at most N sequences / documents per task")
+    p.add_argument("--data-dir", help="training data directory (default: the checkpoint's)")
+    p.add_argument("--benchmark-dir", help="local benchmark files for the lm-eval tasks")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--num-fewshot", type=int, help="override every task's shot count")
+    p.add_argument("--max-gen-toks", type=int, default=256)
+    p.add_argument("--name", help="model name in results.json (default: the run directory's)")
+    return p.parse_args(argv)
+
+
+def parse_suites(text: str) -> list[str]:
+    out: list[str] = []
+    for name in (s.strip() for s in text.split(",") if s.strip()):
+        if name == "all":
+            out += [s for s in ALL if s not in out]
+        elif name in SUITES:
+            out += [name] if name not in out else []
+        else:
+            raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}, all")
+    if not out:
+        raise ConfigError("--suite is empty")
+    return out
+
+
+def init_distributed(device: str | None) -> tuple[int, int, str]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process group, one device per rank."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if device is None:
+        device = f"cuda:{local}" if cuda else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def run_suite_section(name: str, lm, args, loaded) -> tuple[str, dict[str, Any]]:
+    """(results.json section, its data) for one suite."""
+    if name in ("ppl", "synthetic") and loaded.ref.kind == "hf" and args.data_dir is None:
+        raise ConfigError(f"--suite {name} of an HF export needs --data-dir (its data directory)")
+    if name == "ppl":
+        from eval.perplexity import evaluate_perplexity
+
+        return "ppl", evaluate_perplexity(
+            lm.model,
+            loaded.data_dir,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            tokenizer_sha256=loaded.tokenizer.hash,
+            autocast_dtype=lm.autocast_dtype,
+        )
+    if name == "synthetic":
+        try:
+            from eval.synthetic import run_synthetic
+        except ImportError as exc:
+            raise ConfigError(f"the synthetic suite is not available: {exc}") from None
+        data = run_synthetic(
+            lm.model, loaded.tokenizer, loaded.data_dir, args.limit, lm.device, args.batch_size
+        )
+        return "synthetic", data
+    try:
+        from eval.tasks import run_suite
+    except ImportError as exc:
+        raise ConfigError(f"the benchmark suites are not available: {exc}") from None
+    return "tasks", run_suite(lm, name, args.benchmark_dir, args.limit, args.num_fewshot)
+
+
+def format_table(doc: dict[str, Any], sections: list[str]) -> str:
+    rows: list[tuple[str, str]] = []
+    if "ppl" in sections and "ppl" in doc:
+        ppl = doc["ppl"]
+        rows += [("ppl/loss", f"{ppl['loss']:.4f}"), ("ppl/perplexity", f"{ppl['perplexity']:.3f}")]
+    if "tasks" in sections:
+        for task, t in sorted(doc.get("tasks", {}).items()):
+            rows.append(
+                (f"{t['category']}/{task} ({t['primary']}, n={t['n']})", f"{t['score']:.4f}")
+            )
+        for cat, score in doc.get("categories", {}).items():
+            rows.append((f"category/{cat}", f"{score:.4f}"))
+    if "synthetic" in sections:
+        for task, metrics in sorted(doc.get("synthetic", {}).items()):
+            for key, value in metrics.items():
+                if isinstance(value, float):
+                    rows.append((f"synthetic/{task}/{key}", f"{value:.4f}"))
+    width = max((len(k) for k, _ in rows), default=10)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suites = parse_suites(args.suite)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    rank, world, device = init_distributed(args.device)
+
+    from eval.checkpoint import load_for_eval
+    from eval.lm_adapter import MopLM
+    from eval.results import results_path, update_results
+
+    loaded = load_for_eval(args.checkpoint, data_dir=args.data_dir, device=device)
+    lm = MopLM(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        max_gen_toks=args.max_gen_toks,
+    )
+    header = loaded.header(args.name)
+    if rank == 0:
+        print(f"[eval] {header['checkpoint']} (step {header['step']}) on {device}", flush=True)
+    doc: dict[str, Any] = {}
+    done: list[str] = []
+    for name in suites:
+        t0 = time.perf_counter()
+        if name == "synthetic" and rank != 0:
+            continue  # single-process evaluation; the other ranks have nothing to do
+        section, data = run_suite_section(name, lm, args, loaded)
+        if rank != 0:
+            continue
+        meta = {
+            "suite": name,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device),
+            "world_size": world,
+            "limit": args.limit,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        doc = update_results(loaded.ref.path, header, section, data, meta)
+        done.append(section)
+    if rank == 0:
+        print(format_table(doc, done))
+        print(f"[eval] wrote {results_path(loaded.ref.path)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Resolving and loading checkpoints for evaluation (eval/checkpoint.py, eval/export.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.manifest import load_manifest, write_manifest
+from data_prep.tokenizer import train_bpe
+from eval.checkpoint import MODEL_STATES, load_for_eval, resolve_checkpoint
+from eval.export import export_loaded
+from mop.errors import DataError
+
+from .conftest import corpus, train_tiny
+
+
+def _ids(n: int = 20) -> torch.Tensor:
+    return torch.arange(1, n + 1)[None] % 250
+
+
+def test_run_dir_checkpoints_dir_and_step_dir_resolve(trained_run):
+    ref = resolve_checkpoint(trained_run)
+    assert (ref.kind, ref.step, ref.path.name) == ("deepspeed", 4, "step_00000004")
+    assert ref.run_dir == trained_run.resolve()
+    assert resolve_checkpoint(trained_run / "checkpoints").path == ref.path
+    older = resolve_checkpoint(trained_run / "checkpoints" / "step_00000002")
+    assert older.step == 2 and older.run_dir == ref.run_dir
+
+
+def test_loaded_weights_are_the_saved_ones(trained_run):
+    loaded = load_for_eval(trained_run)
+    saved = torch.load(loaded.ref.path / MODEL_STATES, map_location="cpu", weights_only=False)[
+        "module"
+    ]
+    for name, tensor in loaded.model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name].float(), rtol=0, atol=0)
+    assert not loaded.model.training
+    assert loaded.tokenizer.hash == load_manifest(loaded.data_dir)["tokenizer"]["sha256"]
+    header = loaded.header()
+    assert header["step"] == 4 and header["run_dir"] == str(trained_run.resolve())
+    model = header["model"]
+    assert model["ffn"] == "moe" and model["num_experts"] == 4 and model["top_k"] == 2
+    assert 0 < model["active_params"] < model["total_params"]
+
+
+@pytest.fixture()
+def run_copy(trained_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+def test_refuses_missing_unpointed_and_incomplete_checkpoints(run_copy, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    ckpts = run_copy / "checkpoints"
+    # A save newer than the pointer was interrupted: never evaluated.
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000006")
+    with pytest.raises(DataError, match="not complete"):
+        resolve_checkpoint(ckpts / "step_00000006")
+    # The pointed-at save lost its model file.
+    (ckpts / "step_00000004" / MODEL_STATES).unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        resolve_checkpoint(run_copy)
+    # A truncated model file is reported, not a pickle traceback.
+    (ckpts / "step_00000002" / MODEL_STATES).write_bytes(b"PK\x03\x04half")
+    with pytest.raises(DataError, match="half-written or corrupted"):
+        load_for_eval(ckpts / "step_00000002")
+    (ckpts / "latest_complete").unlink()
+    with pytest.raises(DataError, match="no complete checkpoint"):
+        resolve_checkpoint(run_copy)
+    with pytest.raises(DataError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path)  # not a run directory at all
+
+
+def test_refuses_a_tokenizer_other_than_the_trained_one(trained_run, eval_data_dir, tmp_path):
+    other = tmp_path / "other_data"
+    shutil.copytree(eval_data_dir, other)
+    tok = train_bpe(corpus(40, seed=1), vocab_size=280)
+    tok.save(other)
+    with pytest.raises(DataError, match="sha256"):
+        load_for_eval(trained_run, data_dir=other)
+    # A data directory without a tokenizer at all.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no tokenizer"):
+        load_for_eval(trained_run, data_dir=empty)
+
+
+def test_hf_export_round_trip_keeps_logits_step_and_tokenizer(trained_run, tmp_path):
+    loaded = load_for_eval(trained_run)
+    out = export_loaded(loaded, tmp_path / "hf", torch.float32)
+    back = load_for_eval(out)
+    assert back.ref.kind == "hf" and back.ref.step == 4
+    assert back.tokenizer.hash == loaded.tokenizer.hash
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(_ids()).logits, loaded.model(_ids()).logits)
+    # The export must refuse a --data-dir whose tokenizer is another one.
+    other = tmp_path / "other"
+    train_bpe(corpus(40, seed=2), vocab_size=280).save(other)
+    with pytest.raises(DataError, match="sha256"):
+        load_for_eval(out, data_dir=other)
+
+
+def test_zero3_checkpoint_matches_zero1_weights(eval_data_dir, tmp_path):
+    """ZeRO-3 partitions the weights; the fp32 gather must give what ZeRO-1 trains (fp32)."""
+    dense = ("model.ffn=dense", "model.moe=null", "max_steps=2")
+    runs = {}
+    for stage in (1, 3):
+        proc = train_tiny(eval_data_dir, tmp_path / f"z{stage}", f"zero_stage={stage}", *dense)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[stage] = load_for_eval(tmp_path / f"z{stage}")
+    assert not (runs[3].ref.path / MODEL_STATES).exists()  # really a partitioned save
+    for name, tensor in runs[1].model.state_dict().items():
+        torch.testing.assert_close(runs[3].model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_manifest_tokenizer_checked_against_checkpoint(trained_run, eval_data_dir, tmp_path):
+    """The data directory's own tokenizer file matches, but its shards were re-made with
+    another one: the checkpoint's recorded hash still decides."""
+    other = tmp_path / "data"
+    shutil.copytree(eval_data_dir, other)
+    manifest = load_manifest(other)
+    manifest["tokenizer"]["sha256"] = "cd" * 32
+    write_manifest(other, manifest)
+    loaded = load_for_eval(trained_run, data_dir=other)  # the tokenizer file itself matches
+    from eval.perplexity import evaluate_perplexity
+
+    with pytest.raises(DataError, match="tokenizer"):
+        evaluate_perplexity(loaded.model, other, tokenizer_sha256=loaded.tokenizer.hash)

@@ -1,0 +1,130 @@
+"""`python -m eval` (eval/__main__.py): results.json, table, suites and one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from eval.__main__ import main, parse_suites
+from eval.results import load_results
+from mop.errors import ConfigError
+
+from .conftest import REPO
+
+
+@pytest.fixture()
+def run_copy(trained_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+def test_ppl_suite_writes_results_beside_the_checkpoint(run_copy, capsys):
+    assert main(["--checkpoint", str(run_copy), "--suite", "ppl", "--limit", "6"]) == 0
+    doc = load_results(run_copy / "checkpoints" / "step_00000004")
+    assert doc["step"] == 4 and doc["run_dir"] == str(run_copy.resolve())
+    assert doc["checkpoint"].endswith("step_00000004")
+    assert doc["model"]["total_params"] > doc["model"]["active_params"] > 0
+    assert doc["ppl"]["num_sequences"] == 6 and doc["ppl"]["loss"] > 0
+    assert doc["meta"]["ppl"]["limit"] == 6
+    out = capsys.readouterr().out
+    assert "ppl/perplexity" in out and "results.json" in out
+
+
+def test_benchmark_and_synthetic_suites_merge_into_one_file(run_copy, monkeypatch, capsys):
+    import eval.synthetic
+    import eval.tasks
+
+    calls = []
+
+    def fake_suite(lm, suite, data_dir, limit, num_fewshot=None):
+        calls.append((suite, data_dir, limit, num_fewshot, lm.max_length))
+        category = {"knowledge": "knowledge", "commonsense": "commonsense", "math": "math"}[suite]
+        return {
+            f"{suite}_task": {
+                "category": category,
+                "primary": "acc",
+                "score": 0.25,
+                "metrics": {"acc": 0.25},
+                "n": limit,
+                "num_fewshot": 0,
+            }
+        }
+
+    def fake_synthetic(model, tokenizer, data_dir, limit, device, batch_size=64):
+        calls.append(("synthetic", str(data_dir), limit, tokenizer.eos_id))
+        return {"phonebook": {"book_size": 10, "accuracy": 0.5, "n": limit}}
+
+    monkeypatch.setattr(eval.tasks, "run_suite", fake_suite)
+    monkeypatch.setattr(eval.synthetic, "run_synthetic", fake_synthetic)
+    step = run_copy / "checkpoints" / "step_00000002"
+    args = ["--checkpoint", str(step), "--limit", "3", "--benchmark-dir", "/bench"]
+    assert main([*args, "--suite", "all"]) == 0
+    assert main([*args, "--suite", "synthetic", "--num-fewshot", "2"]) == 0
+    assert [c[0] for c in calls] == ["knowledge", "commonsense", "math", "synthetic"]
+    assert calls[0][1:] == ("/bench", 3, None, 48)
+    doc = load_results(step)
+    assert doc["step"] == 2 and set(doc["tasks"]) == {
+        "knowledge_task",
+        "commonsense_task",
+        "math_task",
+    }
+    assert doc["categories"] == {"knowledge": 0.25, "commonsense": 0.25, "math": 0.25}
+    assert doc["synthetic"]["phonebook"]["accuracy"] == 0.5 and "ppl" in doc
+    assert "category/math" in capsys.readouterr().out
+
+
+def test_parse_suites():
+    assert parse_suites("all") == ["ppl", "knowledge", "commonsense", "math"]
+    assert parse_suites("ppl, synthetic,ppl") == ["ppl", "synthetic"]
+    with pytest.raises(ConfigError, match="unknown suite"):
+        parse_suites("ppl,trivia")
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("missing", 3, "does not exist"),
+        ("half_written", 3, "not complete"),
+        ("suite", 2, "unknown suite"),
+        ("tokenizer", 3, "sha256"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(run_copy, tmp_path, capsys, case, code, message):
+    ckpt = run_copy
+    extra: list[str] = []
+    suite = "ppl"
+    if case == "missing":
+        ckpt = tmp_path / "nope"
+    elif case == "half_written":
+        ckpts = run_copy / "checkpoints"
+        shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000009")
+        ckpt = ckpts / "step_00000009"
+    elif case == "suite":
+        suite = "trivia"
+    else:
+        from data_prep.tokenizer import train_bpe
+
+        from .conftest import corpus
+
+        other = tmp_path / "other"
+        train_bpe(corpus(30, seed=3), vocab_size=270).save(other)
+        extra = ["--data-dir", str(other)]
+    assert main(["--checkpoint", str(ckpt), "--suite", suite, *extra]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_module_entry_point_runs(run_copy):
+    """The real `python -m eval` process: exit code and the one-line error on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval", "--checkpoint", str(run_copy / "x"), "--suite", "ppl"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3 and proc.stderr.startswith("error: checkpoint path does not")
