@@ -246,10 +246,20 @@ def _draw(ax, series: dict[str, list[tuple[float, float]]], logx: bool, logy: bo
             else {"color": f"C{i % 10}", "marker": "o", "linestyle": "--"}
         )
         ax.plot(xs, ys, label=name, **style)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from pretrain.model_info import human
+
+    # Log axes labelled 140K / 1.2M at 1-2-5 steps: matplotlib's default minor labels
+    # (1.4x10^5, ...) overlap when the data spans less than a decade.
+    for on, axis, scale in ((logx, ax.xaxis, ax.set_xscale), (logy, ax.yaxis, ax.set_yscale)):
+        if on:
+            scale("log")
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: human(int(round(v)))))
+            axis.set_minor_formatter(NullFormatter())
+    if logx:  # within one decade matplotlib falls back to dense linear ticks
+        ax.tick_params(axis="x", labelrotation=30)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 

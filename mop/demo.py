@@ -5,7 +5,12 @@
 1. writes tiny local files in the real hub schemas (parquet, jsonl.zst, JSON array, ...),
 2. trains a BPE tokenizer on the mixture, tokenizes it into shards, merges the manifest,
    mixture plan and validation sequences (configs/data/tiny.yaml),
-3. generates the synthetic phone-book and shortest-path tasks.
+3. generates the synthetic phone-book, shortest-path and memorization tasks,
+4. trains a tiny dense and a tiny MoE decoder with DeepSpeed on the CPU
+   (configs/train/tiny_cpu.yaml), stops the MoE run with SIGTERM half-way and resumes it,
+5. evaluates both: validation perplexity and the commonsense + knowledge suites through
+   lm-evaluation-harness on local benchmark files; trains the memorization classifier,
+6. writes the report (markdown, CSV, plots) across the runs.
 Every step is the real CLI, so the printed commands are what a user runs on a cluster.
 """
 
@@ -97,8 +102,72 @@ def main(argv: list[str] | None = None) -> int:
             "0",
         ]
     )
+    runs = out / "runs"
+    train_cfg = "configs/train/tiny_cpu.yaml"
+    data_over = [f"data.data_dir={out / 'data'}", "logging.wandb_mode=disabled", "max_steps=60"]
+    for model in ("tiny_dense", "tiny_moe"):
+        run_over = [f"model=configs/model/{model}.yaml", f"run_dir={runs / model}", *data_over]
+        if model == "tiny_moe":
+            _run_until_stopped(["-m", "pretrain", "--config", train_cfg, *run_over], runs / model)
+        _run(["-m", "pretrain", "--config", train_cfg, *run_over])
+    bench = out / "benchmarks"
+    from eval.fixtures import write_fixtures
+
+    write_fixtures(bench)
+    for model in ("tiny_dense", "tiny_moe"):
+        _run(
+            [
+                "-m",
+                "eval",
+                "--checkpoint",
+                str(runs / model),
+                "--suite",
+                "ppl,commonsense,knowledge",
+                "--benchmark-dir",
+                str(bench),
+                "--limit",
+                "4",
+            ]
+        )
+    _run(
+        [
+            "-m",
+            "pretrain.memorization",
+            "--data",
+            str(syn / "memorization"),
+            "--model",
+            "configs/model/tiny_dense.yaml",
+            "--steps",
+            "150",
+            "--out",
+            str(runs / "memorization"),
+        ]
+    )
+    _run(["-m", "eval.report", str(runs), "--out", str(out / "report")])
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; outputs under {out}")
+    print(f"[demo] report: {out / 'report' / 'report.md'}")
     return 0
+
+
+def _run_until_stopped(cmd: list[str], run_dir: Path) -> None:
+    """Start training, send SIGTERM once it has logged 25 steps, expect the requeue code."""
+    import signal
+
+    from pretrain.trainer import REQUEUE_EXIT_CODE
+
+    print(f"\n$ {shlex.join(cmd)}   # will be stopped with SIGTERM", flush=True)
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 25:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    rc = proc.wait()
+    if rc != REQUEUE_EXIT_CODE:
+        raise SystemExit(f"[demo] expected exit {REQUEUE_EXIT_CODE} after SIGTERM, got {rc}")
+    print(f"[demo] stopped with exit {rc} (checkpoint saved); resuming", flush=True)
 
 
 def _tiny_keys() -> list[str]:
