@@ -1,0 +1,337 @@
+"""Expert parallelism (EP) for the dropless top-k MoE layer, applied to a plain model from outside.
+
+Layout. The `ep` ranks of one `mesh.ep_group` share one copy of the experts: rank `ep_rank`
+owns experts `[ep_rank*E/ep, (ep_rank+1)*E/ep)`, i.e. those rows of `w1`, `v1`, `w2`
+(megablocks GLU layout, `[E*f, d]` -> `[E/ep*f, d]`). Parameter names do not change. The router
+stays replicated (it is data parallel like every non-expert weight). Ranks holding the same
+shard form `mesh.expert_dp_group` (dp/ep ranks); expert gradients are reduced there only.
+
+Forward of one layer (dropless, no capacity factor):
+  route the local tokens -> sort the N*k assignments by expert -> all_to_all the per-expert
+  counts -> all_to_all the token rows to the owners (variable splits) -> regroup by local expert
+  -> run the local experts (the torch backend's loop; grouped GEMM on CUDA bf16) -> all_to_all
+  back -> weight and scatter-add into the token order. Both all_to_alls are autograd-aware:
+  the backward of one is the reverse exchange, so expert weight gradients arrive already summed
+  over the ep ranks of the group.
+
+Aux losses are computed on each rank's LOCAL tokens: z-loss is a mean (its average over ranks
+equals the global one for equal token counts), but the load-balancing loss E*sum f_e*P_e is a
+product of two means, so the per-rank value averaged over ranks differs from the value on the
+global batch (the same holds for plain data parallelism and for DeepSpeed/Megatron MoE, which
+also balance per micro-batch). Expert-load statistics are also per rank.
+
+Prerequisite: every rank builds the model from the same seed (as `python -m pretrain` does), so
+the full expert weights are identical before `apply_expert_parallel` slices them.
+
+Gradient semantics (what any optimizer wrapper must do): with per-rank losses L_r and the
+global loss L = mean_r L_r over the dp ranks,
+  - non-expert grads: all-reduce SUM over the dp group, divide by dp (ordinary data parallel);
+  - expert grads: all-reduce SUM over `expert_dp_group`, divide by dp (NOT by its size: the
+    all_to_all backward has already summed the ep ranks' contributions).
+DeepSpeed ZeRO 1/2 does exactly this for params with `allreduce=False` + `group_name` in a
+param group marked `moe=True` (it reduces them over `expert_data_parallel_group[group_name]`,
+scaled by the full dp size).
+
+What the trainer must do (DeepSpeed path), in this order:
+  1. `model = apply_expert_parallel(model, mesh)` after tensor parallel, before activation
+     checkpointing (`pretrain.parallel.parallelize` order) -- needs mesh.ep, mesh.ep_rank,
+     mesh.ep_group, mesh.expert_dp_group.
+  2. `groups = prepare_expert_parallel_for_deepspeed(model, mesh, param_groups(model))`
+     (AFTER `deepspeed` is importable/initialised env-wise, BEFORE `deepspeed.initialize`).
+     It registers our groups in DeepSpeed's `deepspeed.utils.groups` under the name
+     `ep_size_{ep}`, attaches a parameter-free marker module so the engine switches its MoE
+     handling on, and returns the optimizer groups split into dense and `moe=True` groups.
+  3. `deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg, ...)`.
+     Tested: ZeRO stage 1 and 2 (fp32, gloo, 2 ranks). ZeRO-3 is not tested.
+  4. After every `engine.load_checkpoint(...)` (pretrain/checkpoint.load; optimizer states
+     must be loaded, as they are there): `restore_expert_weights_after_load(engine)` on every
+     rank. DeepSpeed writes the module file from dp rank 0 only, so the load leaves rank 0's
+     expert shards in every rank's module; each rank's own shard is in its ZeRO optimizer file,
+     and this copies it back before the next forward.
+  For export/consolidation: `gather_expert_weights(model, mesh)` (collective) returns a state
+  dict of full tensors that loads into the single-process model.
+  Note `pretrain.parallel.parallelize` still refuses ep > 1; it must call step 1.
+Gradient clipping note: DeepSpeed averages the expert groups' norms over the expert dp group
+(`_average_expert_grad_norms`); the clipped global norm is therefore DeepSpeed's definition,
+not exactly the single-process norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mop.errors import ConfigError
+from pretrain.model.moe import MoE
+from pretrain.model.moe_backends import _expert_grouped_mm, compute_dtype
+from pretrain.model.router import expert_load_stats, load_balancing_loss, router_z_loss
+
+EXPERT_PARAM_NAMES = ("w1", "v1", "w2")
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name for the expert groups of size ep (`groups._get_max_expert_size` parses it)."""
+    return f"ep_size_{ep}"
+
+
+def is_expert_param(p: Tensor) -> bool:
+    """Same test as deepspeed.moe.utils.is_moe_param."""
+    return getattr(p, "allreduce", True) is False
+
+
+# Autograd-aware all-to-all ---------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits; backward = the reverse exchange. (torch's own
+    torch.distributed.nn.functional.all_to_all_single exists but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
+    """Rows x[sum(send[:j]) : sum(send[:j+1])] go to rank j of `group`; returns the rows
+    received, ordered by source rank (recv[j] rows from rank j)."""
+    return _AllToAll.apply(x, send, recv, group)
+
+
+# The expert-parallel layer ---------------------------------------------------------------------
+@dataclass
+class EPInfo:
+    size: int
+    rank: int
+    group: Any  # torch.distributed ProcessGroup
+    num_local_experts: int
+
+
+class ExpertParallelMoE(MoE):
+    """An `MoE` whose instance was converted by `apply_expert_parallel` (class swap, as FSDP2's
+    fully_shard does: parameter names, init and isinstance checks stay those of MoE)."""
+
+    ep: EPInfo
+
+    def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Views [E/ep, f, d] of the LOCAL experts."""
+        shape = (self.ep.num_local_experts, self.ffn_hidden, self.d_model)
+        return self.w1.view(shape), self.v1.view(shape), self.w2.view(shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        shape = x.shape
+        flat = x.reshape(-1, self.d_model)
+        routing = self.router(flat)
+        y = self._experts(flat, routing)
+        aux = {
+            "lb_loss": load_balancing_loss(routing.probs, routing.tokens_per_expert, self.top_k),
+            "z_loss": router_z_loss(routing.logits),
+            **expert_load_stats(routing.tokens_per_expert),
+        }
+        return y.view(shape), aux
+
+    def _experts(self, flat: Tensor, routing) -> Tensor:
+        ep, local = self.ep, self.ep.num_local_experts
+        k = routing.experts.shape[1]
+        # Assignments sorted by global expert id = grouped by destination rank, as the
+        # single-process torch backend orders them.
+        order = torch.argsort(routing.experts.flatten(), stable=True)
+        token_idx = order // k
+        xs = flat[token_idx]
+        counts = routing.tokens_per_expert  # [E]
+        # recv_counts[j*local + e]: assignments rank j sends to my local expert e.
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=ep.group)
+        by_src = recv_counts.view(ep.size, local)
+        # One host sync for all split sizes (the exchange itself needs them on the host).
+        send = counts.view(ep.size, local).sum(1).tolist()
+        recv = by_src.sum(1).tolist()
+        xr = all_to_all(xs, send, recv, ep.group)  # [M, d], source-major
+        # Regroup source-major -> local-expert-major (stable: source order kept inside).
+        local_id = torch.repeat_interleave(
+            torch.arange(local, device=xr.device).repeat(ep.size), by_src.flatten()
+        )
+        perm = torch.argsort(local_id, stable=True)
+        yr = self._local_experts(xr[perm], by_src.sum(0))
+        back = torch.empty_like(yr).index_copy(0, perm, yr)  # undo the regrouping
+        ys = all_to_all(back, recv, send, ep.group)  # rows in `order` again
+        ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(flat).index_add_(0, token_idx, ys.to(flat.dtype))
+
+    def _local_experts(self, xs: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        w1, v1, w2 = self.expert_weights()
+        if self.cfg.grouped_mm and xs.is_cuda and compute_dtype(xs) == torch.bfloat16:
+            bf16 = torch.bfloat16  # autocast does not cover torch._grouped_mm
+            out = _expert_grouped_mm(
+                xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16)
+            )
+            if out is not None:
+                return out
+        return _connected_expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
+
+
+def _connected_expert_loop(
+    xs: Tensor, counts: list[int], w1: Tensor, v1: Tensor, w2: Tensor
+) -> Tensor:
+    """The torch backend's per-expert loop, but empty experts are NOT skipped: a rank that
+    receives no token must still produce an output attached to the autograd graph, or it would
+    never enter the backward all_to_alls that the other ranks wait in (deadlock)."""
+    outs = []
+    for e, chunk in enumerate(torch.split(xs, counts)):
+        h = torch.nn.functional.silu(chunk @ w1[e].t()) * (chunk @ v1[e].t())
+        outs.append(h @ w2[e])
+    return torch.cat(outs)
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def apply_expert_parallel(model: nn.Module, mesh) -> nn.Module:
+    """Shard the experts of every MoE layer over `mesh.ep_group` (in place; returns model).
+
+    Expert Parameters are replaced by new Parameters holding this rank's rows (same names) and
+    tagged `allreduce=False`, `group_name='ep_size_{ep}'` (DeepSpeed's MoE convention; see
+    `is_expert_param`). Build any optimizer AFTER this call."""
+    ep = mesh.ep
+    if ep == 1:
+        return model
+    layers = _moe_layers(model)
+    if not layers:
+        raise ConfigError(f"expert_parallel={ep} but the model has no MoE layer")
+    for name, layer in layers:
+        if layer.num_experts % ep:
+            raise ConfigError(
+                f"expert_parallel={ep} must divide num_experts={layer.num_experts} ({name})"
+            )
+        if layer._megablocks is not None:
+            raise ConfigError(
+                f"expert_parallel={ep} with moe.backend=megablocks ({name}): expert parallel "
+                "runs the local experts with the torch backend (grouped GEMM on CUDA); set "
+                "model.moe.backend=torch"
+            )
+        local = layer.num_experts // ep
+        rows = slice(
+            mesh.ep_rank * local * layer.ffn_hidden, (mesh.ep_rank + 1) * local * layer.ffn_hidden
+        )
+        for pname in EXPERT_PARAM_NAMES:
+            full = getattr(layer, pname)
+            shard = nn.Parameter(full.detach()[rows].clone(), requires_grad=full.requires_grad)
+            shard.allreduce = False
+            shard.group_name = expert_group_name(ep)
+            setattr(layer, pname, shard)
+        layer.__class__ = ExpertParallelMoE
+        layer.ep = EPInfo(ep, mesh.ep_rank, mesh.ep_group, local)
+    return model
+
+
+# Checkpoint consolidation / export -------------------------------------------------------------
+@torch.no_grad()
+def gather_expert_weights(model: nn.Module, mesh) -> dict[str, Tensor]:
+    """The model's state dict with every expert shard replaced by the full [E*f, d] tensor
+    (all_gather over the ep group: collective, call on every rank). Loads into the
+    single-process model (`build_model(cfg).load_state_dict(...)`)."""
+    state = dict(model.state_dict())
+    for name, layer in _moe_layers(model):
+        if not isinstance(layer, ExpertParallelMoE):
+            continue
+        prefix = f"{name}." if name else ""
+        for pname in EXPERT_PARAM_NAMES:
+            shard = getattr(layer, pname).detach().contiguous()
+            parts = [torch.empty_like(shard) for _ in range(layer.ep.size)]
+            dist.all_gather(parts, shard, group=layer.ep.group)
+            state[prefix + pname] = torch.cat(parts)
+    return state
+
+
+# DeepSpeed integration -------------------------------------------------------------------------
+def _register_deepspeed_groups(mesh) -> str:
+    """Put OUR groups into DeepSpeed's registry, so the engine and ZeRO never build their own
+    (DeepSpeed's own layout would ignore the tensor-parallel placement of our mesh)."""
+    from deepspeed.utils import groups
+
+    name = expert_group_name(mesh.ep)
+    groups._EXPERT_PARALLEL_GROUP[name] = mesh.ep_group
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = mesh.expert_dp_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(mesh.ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(
+        mesh.expert_dp_group
+    )
+    return name
+
+
+def _deepspeed_moe_marker(num_experts: int, ep: int) -> nn.Module:
+    """A parameter-free `deepspeed.moe.layer.MoE` instance: the engine switches its MoE
+    handling on (expert dp groups in ZeRO, expert-aware broadcast) only when it finds one."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class DeepSpeedMoEMarker(DeepSpeedMoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)  # skip DeepSpeed's layer construction on purpose
+            self.num_experts = num_experts
+            self.ep_size = ep
+            self.expert_group_name = expert_group_name(ep)
+            # 0: DeepSpeed's per-expert checkpoint files stay empty (our expert shards live in
+            # the module state + ZeRO optimizer partitions; see the module docstring).
+            self.num_local_experts = 0
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False):
+            pass  # groups are ours, registered by _register_deepspeed_groups
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeed MoE marker is not a layer")
+
+    return DeepSpeedMoEMarker()
+
+
+def prepare_expert_parallel_for_deepspeed(
+    model: nn.Module, mesh, param_groups: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Make `deepspeed.initialize` treat our expert shards as MoE params; returns the optimizer
+    groups to pass as `model_parameters` (each base group split into a dense group and a
+    `moe=True` group reduced over `mesh.expert_dp_group`). No-op split when ep == 1."""
+    if mesh.ep == 1:
+        return param_groups
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    _register_deepspeed_groups(mesh)
+    if not hasattr(model, "_deepspeed_moe_marker"):
+        num_experts = _moe_layers(model)[0][1].num_experts
+        model.add_module("_deepspeed_moe_marker", _deepspeed_moe_marker(num_experts, mesh.ep))
+    # list(): DeepSpeed's splitter walks each group's params twice (a generator would be empty).
+    named = [
+        {"name": f"group{i}", **g, "params": list(g["params"])} for i, g in enumerate(param_groups)
+    ]
+    # max_group_size=None: no further splitting by size (one moe group per base group).
+    return split_params_into_different_moe_groups_for_optimizer(named, max_group_size=None)
+
+
+@torch.no_grad()
+def restore_expert_weights_after_load(engine) -> None:
+    """Call on every rank right after `engine.load_checkpoint(...)` (ZeRO 1/2).
+
+    DeepSpeed writes the module weights from dp rank 0 only, so after a load every rank holds
+    rank 0's expert shards in the module, while each rank's ZeRO fp32 master partition (loaded
+    from its own optimizer file) is right. ZeRO would copy the masters back only at the next
+    step, after a forward with the wrong experts; this does that copy now (and re-gathers the
+    partitions inside each expert dp group)."""
+    opt = engine.optimizer
+    for i, is_moe in enumerate(getattr(opt, "is_moe_param_group", [])):
+        if not is_moe:
+            continue
+        group = opt.real_dp_process_group[i]
+        parts = opt.parallel_partitioned_bit16_groups[i]  # views into the module's flat buffer
+        mine = parts[dist.get_rank(group=group)]
+        mine.copy_(opt.single_partition_of_fp32_groups[i].to(mine.dtype))
+        if len(parts) > 1:
+            dist.all_gather(list(parts), mine.clone(), group=group)
