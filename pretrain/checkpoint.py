@@ -8,6 +8,19 @@ The pointer is written (atomically) by rank 0 only after a barrier that every ra
 its own files are on disk, so a save killed midway is never pointed at: resume takes the previous
 complete one. DeepSpeed's own `latest` file is not written (save_latest=False) and not read.
 Policy (when to save) is the trainer's; this module only saves, loads and prunes.
+
+Resume on another data-parallel size (same tensor-parallel size; ZeRO 1/2): DeepSpeed refuses
+to load ZeRO optimizer partitions saved with another dp ("Automatic adjustment ... not
+supported"), and its universal-checkpoint route needs an offline conversion plus Megatron's
+`universal_checkpoint_info`. ZeRO 1/2 partitions are plain slices of one flat buffer per
+param group, and each file lists where every parameter's fragment sits (`param_slice_mappings`),
+so `_load_resharded` concatenates the saved fragments per parameter (fp32 master, Adam's
+exp_avg / exp_avg_sq, step) and writes them into the new partitions through DeepSpeed's
+`safe_set_full_*` API, after loading the module, lr schedule and client state with
+`load_optimizer_states=False`. Each rank reads every saved partition of its tp rank once, so
+it holds the full fp32 optimizer state briefly (3 x fp32 model size / tp): fine for a resize
+event, not for every resume. The sample order is a pure function of the consumed-sample count,
+so with the same global batch the resumed run sees the same samples.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mop.errors import DataError
 from mop.fileio import atomic_path, atomic_write_text
 
 POINTER = "latest_complete"
@@ -98,14 +112,94 @@ class Loaded:
     client_state: dict
 
 
-def load(engine, ckpt_dir: str | Path, rank: int) -> Loaded | None:
-    """Load the newest complete save into `engine` (collective); None when there is none."""
+def _optim_files(tag_dir: Path, tp_rank: int) -> list[Path]:
+    """This tp rank's ZeRO partition files, in data-parallel rank order."""
+    files = tag_dir.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
+    return sorted(files, key=lambda f: int(f.name.split("_")[3]))
+
+
+def saved_sizes(tag_dir: str | Path) -> tuple[int, int]:
+    """(dp, tp) of the run that wrote a DeepSpeed checkpoint directory (ZeRO 1/2)."""
+    tag_dir = Path(tag_dir)
+    tp = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
+    return len(_optim_files(tag_dir, 0)), tp
+
+
+def full_optimizer_state(tag_dir: str | Path, tp_rank: int) -> tuple[dict, list, list]:
+    """Per-parameter full {'fp32', 'exp_avg', 'exp_avg_sq'}, each group's Adam step and its
+    hyperparameters (the lr of the step being resumed lives there), from the ZeRO 1/2
+    partitions of any dp size."""
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    steps: list = []
+    groups: list = []
+    for f in _optim_files(Path(tag_dir), tp_rank):
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if int(osd["zero_stage"]) not in (1, 2):
+            raise DataError(f"{f}: resharding supports ZeRO 1/2 only (stage {osd['zero_stage']})")
+        state = osd["base_optimizer_state"]["state"]
+        steps = [state[g]["step"] for g in sorted(state)]
+        groups = osd["base_optimizer_state"]["param_groups"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **state[g]}
+            for name, addr in mapping.items():
+                per = pieces.setdefault(name, {k: [] for k in ("fp32", "exp_avg", "exp_avg_sq")})
+                for key, parts in per.items():
+                    parts.append(flat[key].narrow(0, addr.start, addr.numel))
+    full = {n: {k: torch.cat(v) for k, v in per.items()} for n, per in pieces.items()}
+    return full, steps, groups
+
+
+def _load_resharded(engine, ckpt_dir: Path, tag: str, tp_rank: int):
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True
+    )
+    full, steps, saved_groups = full_optimizer_state(ckpt_dir / tag, tp_rank)
+    zero = engine.optimizer
+    opt = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
+    for group, step, saved in zip(opt.param_groups, steps, saved_groups):
+        # lr (set by the schedule after each step), betas, weight decay as saved.
+        group.update({k: v for k, v in saved.items() if k != "params"})
+        for flat in group["params"]:
+            # Adam's state is created lazily by its first step: create it now, then let ZeRO
+            # link each parameter's fragment of it (as its own first step would).
+            st = opt.state[flat]
+            st["step"] = step.clone() if torch.is_tensor(step) else step
+            st.setdefault("exp_avg", torch.zeros_like(flat))
+            st.setdefault("exp_avg_sq", torch.zeros_like(flat))
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    for name, p in engine.module.named_parameters():
+        if name not in full:
+            raise DataError(f"checkpoint {ckpt_dir / tag} has no optimizer state for {name}")
+        safe_set_full_fp32_param(p, full[name]["fp32"].view_as(p))
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, full[name][key].view_as(p), key)
+    zero.update_lp_params()  # model weights from the restored fp32 masters
+    return client
+
+
+def load(engine, ckpt_dir: str | Path, rank: int, dp: int = 1, tp_rank: int = 0) -> Loaded | None:
+    """Load the newest complete save into `engine` (collective); None when there is none.
+    A save from another data-parallel size (ZeRO 1/2, same tp) is resharded (module docstring)."""
     tag = read_pointer(ckpt_dir)
     if tag is None:
         return None
-    _, client = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    ckpt_dir = Path(ckpt_dir)
+    saved_dp, saved_tp = saved_sizes(ckpt_dir / tag)
+    tp = engine.mp_world_size if hasattr(engine, "mp_world_size") else 1
+    if saved_tp and saved_tp != tp:
+        raise DataError(
+            f"checkpoint {ckpt_dir / tag} was saved with tensor_parallel={saved_tp}; resume "
+            f"with the same tensor_parallel (now {tp})"
+        )
+    if saved_dp and saved_dp != dp:
+        client = _load_resharded(engine, ckpt_dir, tag, tp_rank)
+    else:
+        _, client = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"

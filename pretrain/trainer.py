@@ -150,7 +150,8 @@ class Trainer:
     def resume(self) -> str | None:
         if self.cfg.checkpoint.resume == "never":
             return None
-        loaded = checkpoint.load(self.engine, self.cfg.checkpoint_dir, self.mesh.rank)
+        m = self.mesh
+        loaded = checkpoint.load(self.engine, self.cfg.checkpoint_dir, m.rank, m.dp, m.tp_rank)
         if loaded is None:
             return None
         cs = loaded.client_state["mop"]

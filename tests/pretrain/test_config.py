@@ -11,12 +11,14 @@ from mop.errors import ConfigError
 from pretrain.__main__ import main
 from pretrain.config import TrainConfig, derived_sizes, resolve_precision
 from pretrain.deepspeed_config import deepspeed_config
-from pretrain.parallel import build_mesh, parallelize
+from pretrain.parallel import build_mesh
+from pretrain.parallel.mesh import rank_groups
 from pretrain.schedule import lr_multiplier
 from tests.pretrain.conftest import REPO
 
 TINY = REPO / "configs/train/tiny_cpu.yaml"
 PAPER = REPO / "configs/train/paper_moe_d512_e8.yaml"
+TP2 = ["parallel.tensor_parallel=2"]
 
 
 def test_configs_load_and_model_path_resolves():
@@ -53,13 +55,27 @@ def test_global_batch_derived_and_checked():
         derived_sizes(tp, world_size=8)
 
 
-def test_parallelize_refuses_tp_ep_for_now():
-    cfg = load_config(TrainConfig, TINY, ["parallel.expert_parallel=2"])
-    mesh = build_mesh(cfg, world_size=2, rank=0)
-    with pytest.raises(ConfigError, match="only 1 is supported"):
-        parallelize(object(), cfg, mesh)
+def test_mesh_layout_checks_are_clear_errors():
+    cfg = load_config(TrainConfig, TINY, ["parallel.tensor_parallel=2"])
+    mesh = build_mesh(cfg, world_size=4, rank=3)
+    assert (mesh.dp, mesh.tp, mesh.dp_rank, mesh.tp_rank) == (2, 2, 1, 1)
+    assert mesh.tp_ranks() == [2, 3] and mesh.dp_ranks() == [1, 3]
     with pytest.raises(ConfigError, match="num_experts"):
         build_mesh(load_config(TrainConfig, TINY, ["parallel.expert_parallel=3"]), 3, 0)
+    with pytest.raises(ConfigError, match="n_kv_heads=2"):
+        build_mesh(load_config(TrainConfig, TINY, ["parallel.tensor_parallel=4"]), 4, 0)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        build_mesh(load_config(TrainConfig, TINY, [*TP2, "model.vocab_size=511"]), 2, 0)
+    with pytest.raises(ConfigError, match="tp x dp"):
+        build_mesh(load_config(TrainConfig, TINY, ["parallel.tensor_parallel=2"]), 3, 0)
+
+
+def test_rank_groups_layout():
+    g = rank_groups(world_size=8, tp=2, ep=2)
+    assert g["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert g["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert g["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert g["expert_dp"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
 
 
 def test_deepspeed_dict():
