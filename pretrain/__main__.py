@@ -80,9 +80,15 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
             opt, lambda s: lr_multiplier(s, cfg.schedule, cfg.max_steps)
         )
 
+    groups = param_groups(model)
+    if mesh.ep > 1:
+        from pretrain.parallel.expert import prepare_expert_parallel_for_deepspeed
+
+        # expert shards: their own optimizer groups, gradients reduced over expert-dp only
+        groups = prepare_expert_parallel_for_deepspeed(model, mesh, groups)
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model),
+        model_parameters=groups,
         config=ds_cfg,
         lr_scheduler=schedule,
         mpu=build_mpu(mesh),  # ZeRO over the data-parallel group only
@@ -110,7 +116,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
     if de.rank == 0:
         where = f"resumed from {tag} (step {trainer.state.step})" if tag else "fresh start"
         print(
-            f"[train] {where}; world {de.world_size} (dp {mesh.dp}, tp {mesh.tp}), global batch "
+            f"[train] {where}; world {de.world_size} (dp {mesh.dp}, tp {mesh.tp}, ep {mesh.ep}), global batch "
             f"{sizes.global_batch} x {cfg.data.seq_len} tokens, {ds_cfg.get('bf16') and 'bf16' or 'fp32'}",
             flush=True,
         )

@@ -194,7 +194,13 @@ def load(engine, ckpt_dir: str | Path, rank: int, dp: int = 1, tp_rank: int = 0)
             f"checkpoint {ckpt_dir / tag} was saved with tensor_parallel={saved_tp}; resume "
             f"with the same tensor_parallel (now {tp})"
         )
+    expert_parallel = any(getattr(engine.optimizer, "is_moe_param_group", ()))
     if saved_dp and saved_dp != dp:
+        if expert_parallel:
+            raise DataError(
+                f"checkpoint {ckpt_dir / tag} was saved with {saved_dp} data-parallel ranks; an "
+                f"expert-parallel run resumes only on the same number (now {dp})"
+            )
         client = _load_resharded(engine, ckpt_dir, tag, tp_rank)
     else:
         _, client = engine.load_checkpoint(
@@ -202,6 +208,11 @@ def load(engine, ckpt_dir: str | Path, rank: int, dp: int = 1, tp_rank: int = 0)
         )
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    if expert_parallel:
+        from pretrain.parallel.expert import restore_expert_weights_after_load
+
+        # DeepSpeed wrote the module weights from rank 0 only: put each rank's own experts back.
+        restore_expert_weights_after_load(engine)
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     # A rank that did not exist in the saved run (resume on more ranks) keeps its seeded state.
     if rng_file.is_file():

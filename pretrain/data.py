@@ -224,12 +224,23 @@ class ValidationSet:
         return len(self.reader)
 
     def batches(self, dp: int, rank: int, batch_size: int, max_batches: int):
-        """Yield (input_ids, targets) of this rank's share; the same sequences every time."""
-        ids = list(range(rank, len(self), dp))[: batch_size * max_batches]
-        for a in range(0, len(ids), batch_size):
-            arr = np.stack([np.asarray(self.reader.document(i)) for i in ids[a : a + batch_size]])
+        """Yield (input_ids, targets) of this rank's share; the same sequences every time.
+
+        Every rank yields the same number of batches: a forward can be a collective (expert
+        parallel all-to-all), so a rank whose share ran out yields a one-row batch whose
+        targets are all -100 (ignored) instead of stopping early.
+        """
+        cap = batch_size * max_batches
+        ids = list(range(rank, len(self), dp))[:cap]
+        most = min(-(-len(self) // dp), cap)  # the largest share any rank gets
+        for a in range(0, most, batch_size):
+            chunk = ids[a : a + batch_size]
+            arr = np.stack([np.asarray(self.reader.document(i)) for i in (chunk or [0])])
             t = torch.from_numpy(arr.astype(np.int64))
-            yield t[:, :-1].contiguous(), t[:, 1:].contiguous()
+            targets = t[:, 1:].contiguous()
+            if not chunk:
+                targets.fill_(-100)
+            yield t[:, :-1].contiguous(), targets
 
 
 def open_manifest(cfg: DataConfig, vocab_size: int, pinned_sha256: str | None = None) -> dict:

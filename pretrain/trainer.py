@@ -274,7 +274,11 @@ class LoggingCallback(Callback):
         if m is not None:
             values["mfu"] = m
         values.update(expert_load(result.expert_stats))
-        if self.cfg.logging.expert_load_by_source and result.expert_stats:
+        # The per-source loads need extra forwards on each rank's own batch; under expert
+        # parallelism a forward is an all-to-all that every rank must join the same number of
+        # times, and ranks hold different sources, so they are not computed there.
+        by_source = self.cfg.logging.expert_load_by_source and trainer.mesh.ep == 1
+        if by_source and result.expert_stats:
             b = result.last_batch
             with torch.no_grad():
                 values.update(
@@ -304,9 +308,11 @@ class EvalCallback(Callback):
                 trainer.mesh.dp, trainer.mesh.dp_rank, ev.batch_size, ev.max_batches
             ):
                 logits = model(inp.to(trainer.engine.device)).logits
-                loss = batch_lm_loss(logits, tgt.to(logits.device), trainer.mesh)
-                total[0] += float(loss) * tgt.numel()
-                total[1] += tgt.numel()
+                count = int((tgt != -100).sum())
+                if count:  # a filler batch (see ValidationSet.batches) only keeps ranks in step
+                    loss = batch_lm_loss(logits, tgt.to(logits.device), trainer.mesh)
+                    total[0] += float(loss) * count
+                    total[1] += count
         model.train()
         if trainer.mesh.dp > 1:
             dist.all_reduce(total, group=trainer.mesh.dp_group)

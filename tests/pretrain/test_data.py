@@ -89,3 +89,18 @@ def test_tokenizer_and_vocab_checks(data_dir):
     val = ValidationSet(data_dir, load_manifest(data_dir))
     batches = list(val.batches(dp=2, rank=1, batch_size=2, max_batches=1))
     assert len(batches) == 1 and batches[0][0].shape == (2, SEQ_LEN)
+
+
+def test_validation_batches_keep_ranks_in_step(data_dir):
+    """Uneven shares: every rank yields the same number of batches (a forward may be a
+    collective); filler batches carry only ignored targets, and real sequences are each seen
+    exactly once."""
+    val = ValidationSet(data_dir, load_manifest(data_dir))
+    n = len(val)
+    dp = 3 if n % 3 else 5  # a size that does not divide the number of sequences
+    assert n % dp
+    per_rank = [list(val.batches(dp, r, batch_size=1, max_batches=100)) for r in range(dp)]
+    assert len({len(b) for b in per_rank}) == 1
+    real = [(inp, tgt) for batches in per_rank for inp, tgt in batches if (tgt != -100).any()]
+    fillers = [tgt for batches in per_rank for _, tgt in batches if (tgt == -100).all()]
+    assert len(real) == n and len(fillers) == len(per_rank[0]) * dp - n
