@@ -164,11 +164,6 @@ def _check_files(step_dir: Path) -> None:
         raise DataError(
             f"checkpoint {step_dir} is incomplete: neither {MODEL_STATES} nor {ZERO3_STATES}"
         )
-    if (step_dir / "mp_rank_01_model_states.pt").is_file():
-        raise DataError(
-            f"{step_dir} is a tensor-parallel checkpoint; merging tensor-parallel shards for "
-            "evaluation is not supported yet"
-        )
 
 
 # Weights --------------------------------------------------------------------------------
@@ -272,8 +267,20 @@ def _load_deepspeed(ref: CheckpointRef, data_dir: str | os.PathLike | None) -> L
     states, zero3 = _read_states(ref.path)
     cfg = _train_config(states, ref.run_dir, ref.path)
     model = build_model(cfg.model)
+    if cfg.parallel.expert_parallel > 1:
+        # DeepSpeed writes the module from rank 0, which holds only its own expert shard; the
+        # others live in each rank's optimizer partition.
+        raise DataError(
+            f"{ref.path} was trained with expert_parallel={cfg.parallel.expert_parallel}: its "
+            "model file holds one rank's experts only; evaluating it needs the experts gathered "
+            "(not supported yet)"
+        )
     if zero3:
         state = _zero3_state_dict(ref.path, int(states.get("dp_world_size", 1)))
+    elif (ref.path / "mp_rank_01_model_states.pt").is_file():
+        from pretrain.parallel.tensor import load_consolidated
+
+        state = load_consolidated(ref.path, model)  # merge the tensor-parallel shards
     else:
         state = states.get("module")
         if not state:

@@ -109,7 +109,11 @@ def format_validation_error(exc: ValidationError) -> str:
         value = err.get("input")
         msg = err.get("msg", "invalid")
         kind = err.get("type", "")
-        if kind == "extra_forbidden":
+        if msg.startswith("Value error, "):  # our own validators' messages speak for themselves
+            msg = msg[len("Value error, ") :]
+        if not loc:  # a check across fields: the message names them, the input is everything
+            lines.append(f"config: {msg}")
+        elif kind == "extra_forbidden":
             lines.append(f"unknown config field '{loc}'")
         elif kind == "missing":
             lines.append(f"config field '{loc}' is required")

@@ -135,6 +135,13 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} > model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.zero_stage == 3 and self.model.ffn == "moe":
+            # DeepSpeed's stage-3 gather/release of parameters breaks the MoE backward (the
+            # expert weights are used through views, not nn.Linear): seen as a size-0 tensor.
+            raise ValueError(
+                "zero_stage=3 with model.ffn=moe is not supported (DeepSpeed's stage-3 "
+                "parameter partitioning fails in the MoE backward); use zero_stage 1 or 2"
+            )
         if self.schedule.warmup_steps > self.max_steps:
             raise ValueError(
                 f"schedule.warmup_steps={self.schedule.warmup_steps} > max_steps={self.max_steps}"

@@ -112,3 +112,10 @@ def test_dry_run_prints_resolved_config(capsys, monkeypatch):
     ds = json.loads(out.split("# deepspeed: ")[1])
     assert ds["gradient_accumulation_steps"] == 3 and "d_model: 64" in out
     assert main(["--config", str(TINY), "zero_stage=7", "--dry-run"]) == 2
+
+
+def test_zero3_with_moe_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, TINY, ["zero_stage=3"])
+    msg = str(err.value)
+    assert msg.startswith("config: zero_stage=3 with model.ffn=moe") and "\n" not in msg

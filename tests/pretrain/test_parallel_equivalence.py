@@ -170,6 +170,19 @@ def test_tp2_dense_matches_serial(serial_dense, data_dir, tmp_path):
     # one model file per tp rank, with the same parameter names as the serial run
     assert (tmp_path / "checkpoints" / tag_of(20) / "mp_rank_01_model_states.pt").is_file()
     assert_same_run(metrics(serial_dense), metrics(tmp_path), range(1, 21))
+    # what eval loads: the merged tp shards equal the serial run's weights at the same step
+    from pretrain.parallel.tensor import load_consolidated
+
+    cfg = load_config(TrainConfig, TINY, train_overrides(data_dir, tmp_path, **DENSE))
+    merged = load_consolidated(tmp_path / "checkpoints" / tag_of(20), build_model(cfg.model))
+    serial_states = torch.load(
+        serial_dense / "checkpoints" / tag_of(20) / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )["module"]
+    assert merged.keys() == serial_states.keys()
+    for name, w in serial_states.items():
+        torch.testing.assert_close(merged[name], w, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_tp2_moe_matches_serial(serial_moe, data_dir, tmp_path):
@@ -212,6 +225,11 @@ def test_ep2_moe_matches_serial(data_dir, tmp_path_factory, tmp_path):
     res = run_pretrain(train_overrides(data_dir, tmp_path, **over), 2)
     assert f"resumed from {tag_of(10)}" in res.stdout
     assert_same_run(ref, metrics(tmp_path), range(11, 21), grad_norm_rtol=1e-3)
+    from eval.checkpoint import load_for_eval
+    from mop.errors import DataError
+
+    with pytest.raises(DataError, match="expert_parallel=2"):
+        load_for_eval(tmp_path)
 
 
 def test_resume_dp1_checkpoint_on_dp2(serial_dense, data_dir, tmp_path):
