@@ -11,7 +11,6 @@ Soft MoE (which mixes all positions) needs it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +19,9 @@ from torch import Tensor, nn
 
 from pretrain.model.accounting import attention_params, ffn_accounting
 from pretrain.model.config import ModelConfig
-from pretrain.model.ffn import init_ffn
 from pretrain.model.norm import RMSNorm
 from pretrain.model.rotary import RotaryEmbedding
-from pretrain.model.transformer import LOSS_KEYS, Block
+from pretrain.model.transformer import LOSS_KEYS, Block, init_blocks
 
 
 class ClassifierConfig(ModelConfig):
@@ -57,17 +55,9 @@ class SequenceClassifier(nn.Module):
         """The decoder's scheme (N(0, init_std), residual outputs scaled by 1/sqrt(2L));
         the input projection is N(0, 1/m) so that unit-variance inputs give unit-scale
         hidden states, and the head starts at zero (logit 0: no initial label preference)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.input_proj.weight, std=self.cfg.input_dim**-0.5)
         nn.init.zeros_(self.input_proj.bias)
-        for block in self.blocks:
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
-                nn.init.normal_(lin.weight, std=std)
-            nn.init.normal_(block.attn.wo.weight, std=out_std)
-            block.attn_norm.weight.fill_(1.0)
-            block.ffn_norm.weight.fill_(1.0)
-            init_ffn(block.ffn, std, out_std)
+        init_blocks(self.blocks, self.cfg.init_std, self.cfg.n_layers)
         self.norm.weight.fill_(1.0)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

@@ -57,6 +57,20 @@ class Block(nn.Module):
         return x + y, aux
 
 
+@torch.no_grad()
+def init_blocks(blocks: nn.ModuleList, std: float, n_layers: int) -> None:
+    """N(0, std) for the block's input projections; output projections (wo, FFN down) get
+    std / sqrt(2 * n_layers) because each block adds two residual branches (GPT-2)."""
+    out_std = std / math.sqrt(2 * n_layers)
+    for block in blocks:
+        for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+            nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(block.attn.wo.weight, std=out_std)
+        block.attn_norm.weight.fill_(1.0)
+        block.ffn_norm.weight.fill_(1.0)
+        init_ffn(block.ffn, std, out_std)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -75,15 +89,8 @@ class Transformer(nn.Module):
         """N(0, init_std) everywhere; output projections (wo, FFN down) get
         init_std / sqrt(2 * n_layers) because each block adds two residual branches (GPT-2)."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed.weight, std=std)
-        for block in self.blocks:
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
-                nn.init.normal_(lin.weight, std=std)
-            nn.init.normal_(block.attn.wo.weight, std=out_std)
-            block.attn_norm.weight.fill_(1.0)
-            block.ffn_norm.weight.fill_(1.0)
-            init_ffn(block.ffn, std, out_std)
+        init_blocks(self.blocks, std, self.cfg.n_layers)
         self.norm.weight.fill_(1.0)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
