@@ -267,14 +267,6 @@ def _load_deepspeed(ref: CheckpointRef, data_dir: str | os.PathLike | None) -> L
     states, zero3 = _read_states(ref.path)
     cfg = _train_config(states, ref.run_dir, ref.path)
     model = build_model(cfg.model)
-    if cfg.parallel.expert_parallel > 1:
-        # DeepSpeed writes the module from rank 0, which holds only its own expert shard; the
-        # others live in each rank's optimizer partition.
-        raise DataError(
-            f"{ref.path} was trained with expert_parallel={cfg.parallel.expert_parallel}: its "
-            "model file holds one rank's experts only; evaluating it needs the experts gathered "
-            "(not supported yet)"
-        )
     if zero3:
         state = _zero3_state_dict(ref.path, int(states.get("dp_world_size", 1)))
     elif (ref.path / "mp_rank_01_model_states.pt").is_file():
@@ -285,6 +277,11 @@ def _load_deepspeed(ref: CheckpointRef, data_dir: str | os.PathLike | None) -> L
         state = states.get("module")
         if not state:
             raise DataError(f"{ref.path / MODEL_STATES} has no model weights ('module')")
+    if cfg.parallel.expert_parallel > 1:
+        from pretrain.parallel.expert import merge_expert_shards
+
+        # DeepSpeed's module file holds rank 0's experts only; every rank saved its own shard
+        state = {**_strip(state), **merge_expert_shards(ref.path)}
     _load_weights(model, state, ref.path)
     recorded = (states.get("mop") or {}).get("tokenizer_sha256") or cfg.data.tokenizer_sha256
     ddir = resolve_data_dir(data_dir or cfg.data.data_dir)

@@ -76,14 +76,29 @@ def read_pointer(ckpt_dir: str | Path) -> str | None:
 
 
 def save(
-    engine, ckpt_dir: str | Path, step: int, client_state: dict, rank: int, keep_last: int
+    engine,
+    ckpt_dir: str | Path,
+    step: int,
+    client_state: dict,
+    rank: int,
+    keep_last: int,
+    expert_ranks: tuple[int, int] | None = None,
 ) -> str:
-    """Collective: every rank must call it. Returns the tag."""
+    """Collective: every rank must call it. Returns the tag.
+
+    `expert_ranks` = (ep_rank, expert_dp_rank) under expert parallelism: each rank also writes
+    its expert shard (DeepSpeed's module file holds rank 0's experts only)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     with atomic_path(ckpt_dir / tag / f"rng_rank{rank}.pt") as tmp:
         torch.save(rng_state(), tmp)
+    if expert_ranks is not None:
+        from pretrain.parallel.expert import save_expert_shard
+
+        save_expert_shard(
+            ckpt_dir / tag / f"expert_shard_rank{rank}.pt", engine.module, *expert_ranks
+        )
     _barrier()  # every rank's files are on disk before the pointer moves
     if rank == 0:
         atomic_write_text(ckpt_dir / POINTER, tag + "\n")

@@ -145,6 +145,7 @@ class Trainer:
             self.client_state(),
             self.mesh.rank,
             self.cfg.checkpoint.keep_last,
+            (self.mesh.ep_rank, self.mesh.expert_dp_rank) if self.mesh.ep > 1 else None,
         )
 
     def resume(self) -> str | None:

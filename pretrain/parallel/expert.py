@@ -59,13 +59,14 @@ not exactly the single-process norm.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mop.errors import ConfigError
+from mop.errors import ConfigError, DataError
 from pretrain.model.moe import MoE
 from pretrain.model.moe_backends import _expert_grouped_mm, compute_dtype
 from pretrain.model.router import expert_load_stats, load_balancing_loss, router_z_loss
@@ -335,3 +336,39 @@ def restore_expert_weights_after_load(engine) -> None:
         mine.copy_(opt.single_partition_of_fp32_groups[i].to(mine.dtype))
         if len(parts) > 1:
             dist.all_gather(list(parts), mine.clone(), group=group)
+
+
+# Expert shards on disk ---------------------------------------------------------------------------
+EXPERT_SHARD_GLOB = "expert_shard_rank*.pt"
+
+
+def save_expert_shard(
+    path: str | Path, model: nn.Module, ep_rank: int, expert_dp_rank: int
+) -> None:
+    """Write this rank's expert parameters beside a DeepSpeed checkpoint (atomically).
+
+    DeepSpeed saves the module from rank 0 only, which under expert parallelism holds only
+    rank 0's experts; these files let eval and export rebuild the full weights without
+    parsing the ZeRO optimizer partitions."""
+    from mop.fileio import atomic_path
+
+    tensors = {
+        n: p.detach().float().cpu() for n, p in model.named_parameters() if is_expert_param(p)
+    }
+    payload = {"ep_rank": ep_rank, "expert_dp_rank": expert_dp_rank, "tensors": tensors}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def merge_expert_shards(tag_dir: str | Path) -> dict[str, Tensor]:
+    """Full expert tensors of a checkpoint: the shards of one expert-data-parallel replica,
+    concatenated in ep-rank order (experts are contiguous row blocks of [E*f, d])."""
+    shards = [
+        torch.load(f, map_location="cpu", weights_only=False)
+        for f in sorted(Path(tag_dir).glob(EXPERT_SHARD_GLOB))
+    ]
+    replica = sorted((s for s in shards if s["expert_dp_rank"] == 0), key=lambda s: s["ep_rank"])
+    if not replica or [s["ep_rank"] for s in replica] != list(range(len(replica))):
+        raise DataError(f"{tag_dir}: expert shard files are missing or incomplete")
+    names = replica[0]["tensors"].keys()
+    return {n: torch.cat([s["tensors"][n] for s in replica], dim=0) for n in names}

@@ -225,11 +225,19 @@ def test_ep2_moe_matches_serial(data_dir, tmp_path_factory, tmp_path):
     res = run_pretrain(train_overrides(data_dir, tmp_path, **over), 2)
     assert f"resumed from {tag_of(10)}" in res.stdout
     assert_same_run(ref, metrics(tmp_path), range(11, 21), grad_norm_rtol=1e-3)
-    from eval.checkpoint import load_for_eval
-    from mop.errors import DataError
+    # what eval loads: rank 0's module file plus every rank's expert shard = the serial weights
+    from pretrain.parallel.expert import merge_expert_shards
 
-    with pytest.raises(DataError, match="expert_parallel=2"):
-        load_for_eval(tmp_path)
+    experts = merge_expert_shards(tmp_path / "checkpoints" / tag_of(20))
+    serial_states = torch.load(
+        ref_run / "checkpoints" / tag_of(20) / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )["module"]
+    assert experts and all(".ffn." in n for n in experts)
+    for name, w in experts.items():
+        assert w.shape == serial_states[name].shape
+        torch.testing.assert_close(w, serial_states[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_resume_dp1_checkpoint_on_dp2(serial_dense, data_dir, tmp_path):
