@@ -108,9 +108,9 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = ScheduleConfig()
     batch: BatchConfig = BatchConfig()
     parallel: ParallelConfig = ParallelConfig()
-    # ZeRO 1-3. Stage 0 is refused: the skip of non-finite steps relies on the ZeRO optimizer's
-    # overflow check (DeepSpeed applies a plain optimizer's step whatever the gradients hold).
-    zero_stage: int = Field(1, ge=1, le=3)
+    # ZeRO 0-3. Stages 1-3 skip non-finite steps through the ZeRO optimizer's overflow check;
+    # stage 0 (a plain optimizer) through the trainer's own check (trainer._step_without_update).
+    zero_stage: int = Field(1, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -84,6 +84,40 @@ def batch_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> to
     return lm_loss(logits, targets)  # looked up at call time (the test fault wrapper wraps it)
 
 
+def _grads_finite(model: torch.nn.Module) -> bool:
+    """Whether every rank's (already all-reduced) gradients are finite."""
+    bad = any(
+        not bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
+    )
+    flag = torch.tensor([1.0 if bad else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _step_without_update(engine) -> None:
+    """ZeRO stage 0 has no overflow check: a plain optimizer would apply NaN gradients. Zero
+    the gradients and let DeepSpeed close the accumulation window with the optimizer's and the
+    lr schedule's step switched off, as the ZeRO optimizers do when they skip a step."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    # torch may already hold a wrapped `step` on the instance (lr schedulers patch the
+    # optimizer's): keep whatever is there and put exactly that back.
+    saved = [(obj, obj.__dict__.get("step")) for obj in (engine.optimizer, engine.lr_scheduler)]
+    for obj, _ in saved:
+        obj.step = lambda *args, **kwargs: None
+    try:
+        engine.step()
+    finally:
+        for obj, original in saved:
+            if original is None:
+                del obj.step
+            else:
+                obj.step = original
+    engine.skipped_steps += 1
+
+
 class Callback:
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         """Called on every rank after each step (collectives are allowed)."""
@@ -179,12 +213,16 @@ class Trainer:
             self.sizes.micro_batch,
         )
         lm_sum = aux_sum = 0.0
-        for mb in batches:
+        for i, mb in enumerate(batches):
             out = engine(mb.input_ids.to(engine.device))
             lm = batch_lm_loss(out.logits, mb.targets.to(engine.device), self.mesh)
             loss = lm + out.aux_loss
             engine.backward(loss)
-            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            boundary = i == len(batches) - 1
+            if boundary and self.cfg.zero_stage == 0 and not _grads_finite(engine.module):
+                _step_without_update(engine)
+            else:
+                engine.step()  # DeepSpeed updates only at the accumulation boundary
             lm_sum += float(lm.detach())
             aux_sum += float(out.aux_loss.detach())
         n = len(batches)

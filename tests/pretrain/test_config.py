@@ -31,7 +31,7 @@ def test_configs_load_and_model_path_resolves():
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("zero_stage=0", "zero_stage"),
+        ("zero_stage=-1", "zero_stage"),
         ("data.seq_len=4096", "max_seq_len"),
         ("optim.betas=[0.9,1.0]", "beta"),
         ("schedule.warmup_steps=1000", "warmup_steps"),

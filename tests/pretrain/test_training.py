@@ -80,8 +80,10 @@ def test_sigterm_saves_and_exits_with_requeue_code(data_dir, tmp_path):
     assert max(step_losses(tmp_path)) == 5
 
 
-def test_nonfinite_step_is_skipped_and_counted(data_dir, tmp_path):
-    res = run_trainer(train_overrides(data_dir, tmp_path, max_steps=8), {"MOP_TEST_NAN_STEPS": "4"})
+@pytest.mark.parametrize("zero_stage", [1, 0])
+def test_nonfinite_step_is_skipped_and_counted(data_dir, tmp_path, zero_stage):
+    over = train_overrides(data_dir, tmp_path, max_steps=8, zero_stage=zero_stage)
+    res = run_trainer(over, {"MOP_TEST_NAN_STEPS": "4"})
     check_ok(res)
     recs = {
         r["step"]: r
