@@ -11,17 +11,21 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fetch() {  # fetch NAME==VERSION into $work (from $SRC if given, else PyPI)
+fetch() {  # fetch PROJECT VERSION FILE into $work: from $SRC if given, else PyPI
   if [ -n "$SRC" ]; then
-    "$PY" -m pip download -q --no-deps --no-binary :all: --no-index --find-links "$SRC" -d "$work" "$1"
-  else
-    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "$1"
+    cp "$SRC/$3" "$work/"
+  else  # metadata of these sdists is built with the installed torch (needs --no-build-isolation)
+    "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$work" "$1==$2"
   fi
 }
-"$PY" -m pip install -q --no-deps ${SRC:+--no-index --find-links "$SRC"} stanford-stk==0.7.1
-fetch grouped_gemm==0.3.0
+if [ -n "$SRC" ]; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation "$SRC"/stanford_stk-0.7.1.tar.gz
+else
+  "$PY" -m pip install -q --no-deps stanford-stk==0.7.1
+fi
+fetch grouped_gemm 0.3.0 grouped_gemm-0.3.0.tar.gz
 "$PY" -m pip install -q --no-deps --no-build-isolation "$work"/grouped_gemm-0.3.0.tar.gz
-fetch megablocks==0.10.0
+fetch megablocks 0.10.0 megablocks-0.10.0.tar.gz
 tar -xzf "$work"/megablocks-0.10.0.tar.gz -C "$work"
 cuda_major=$("$PY" -c "import torch; print((torch.version.cuda or '0').split('.')[0])")
 if [ "$cuda_major" -ge 13 ]; then
