@@ -60,6 +60,9 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         write_run_config,
     )
 
+    # Data problems (missing directory, another tokenizer) fail before any process group
+    # or device memory is set up.
+    manifest = open_manifest(cfg.data, cfg.model.vocab_size)
     init_distributed(de, cuda)
     mesh = init_process_groups(mesh)  # tp / dp / ep groups, created in the same order everywhere
     if cfg.deterministic:
@@ -68,7 +71,6 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         # gradient buckets (hundreds of MB) with torch.empty on each step and overwrites them,
         # so the fill only costs time (seconds per step on CPU).
         torch.utils.deterministic.fill_uninitialized_memory = False
-    manifest = open_manifest(cfg.data, cfg.model.vocab_size)
     data = TrainData(cfg.data.data_dir, manifest, cfg.data)
     val = ValidationSet(cfg.data.data_dir, manifest) if cfg.eval.interval else None
 
