@@ -213,9 +213,9 @@ def tokenize_unit(
 
 
 def _fill_totals(result: UnitResult, state: dict) -> None:
-    train = [s for s in state["shards"]]
-    result.documents = sum(s["documents"] for s in train)
-    result.tokens = sum(s["tokens"] for s in train)
+    # train and held-out shards together: everything this unit wrote
+    result.documents = sum(s["documents"] for s in state["shards"])
+    result.tokens = sum(s["tokens"] for s in state["shards"])
     result.skipped = Counter(state["skipped"])
     result.decontaminated = state["decontaminated"]
 

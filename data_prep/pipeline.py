@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from data_prep.config import DataPrepConfig, SourceConfig
+from data_prep.config import DataPrepConfig
 from data_prep.decontam import NgramIndex, build_index, iter_eval_texts
 from data_prep.loading import Document, open_source
 from data_prep.manifest import MANIFEST
@@ -245,10 +245,3 @@ def print_summary(summary: dict) -> None:
             f"[tokenize] documents dropped by decontamination: {json.dumps(summary['decontaminated'])}"
         )
     sys.stdout.flush()
-
-
-def source_by_label(cfg: DataPrepConfig, label: str) -> SourceConfig:
-    for s in cfg.sources:
-        if s.label == label:
-            return s
-    raise DataError(f"no source labelled {label!r} in the config")

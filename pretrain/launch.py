@@ -29,7 +29,8 @@ def dist_env(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost (for a single-process run or a test's process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -45,7 +46,7 @@ def prepare_env(de: DistEnv, cuda: bool) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if de.world_size == 1:
         # A free port, so that concurrent single-process runs on one machine do not collide.
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = "29500"  # srun: set MASTER_ADDR/PORT in the sbatch script
 

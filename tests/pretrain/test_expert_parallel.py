@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from pretrain.launch import free_port
 from pretrain.model.config import ModelConfig, MoEConfig
 from pretrain.model.moe import MoE
 from pretrain.model.transformer import build_model, lm_loss
@@ -58,12 +58,6 @@ def _ep2_mesh(rank: int) -> _Mesh:
     return _Mesh(ep=2, ep_rank=rank, ep_group=ep_group, expert_dp_group=edp, dp=WORLD)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, fn_name: str, out_dir: str, arg: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -85,7 +79,7 @@ def _worker(rank: int, port: int, fn_name: str, out_dir: str, arg: Any) -> None:
 def _spawn(fn_name: str, tmp_path: Path, arg: Any = None, timeout: float = 120.0) -> list[dict]:
     """Run `fn_name(rank, arg)` in WORLD gloo processes; a deadlock fails the test, not CI."""
     ctx = mp.spawn(
-        _worker, args=(_free_port(), fn_name, str(tmp_path), arg), nprocs=WORLD, join=False
+        _worker, args=(free_port(), fn_name, str(tmp_path), arg), nprocs=WORLD, join=False
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):  # raises ProcessRaisedException if a worker failed

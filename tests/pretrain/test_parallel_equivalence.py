@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from mop.config import load_config
 from pretrain.checkpoint import POINTER, tag_of
 from pretrain.config import TrainConfig
 from pretrain.data import TrainData, open_manifest
+from pretrain.launch import free_port
 from pretrain.model.transformer import build_model, lm_loss
 from pretrain.parallel import build_mesh, init_process_groups, parallelize
 from pretrain.parallel.tensor import consolidate_tp_shards
@@ -48,12 +48,6 @@ MODEL = {"model.n_kv_heads": 2, "checkpoint.interval": 10, "zero_stage": 2}
 DENSE = {**MODEL, "model.ffn": "dense"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300):
     """`python -m pretrain` (via the test wrapper) in one process or under torchrun."""
     env = {
@@ -65,7 +59,7 @@ def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        launcher += [f"--master_port={_free_port()}"]
+        launcher += [f"--master_port={free_port()}"]
     cmd = [*launcher, str(REPO / "tests/pretrain/fault_wrapper.py"), "--config", str(TINY)]
     res = subprocess.run(
         [*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
@@ -153,7 +147,7 @@ def _tp_grad_worker(rank: int, port: int, ffn: str, tied: bool, out: str) -> Non
 def test_tp2_gradients_match_single_process(ffn, tied, tmp_path):
     out = tmp_path / "grads.pt"
     mp.start_processes(
-        _tp_grad_worker, args=(_free_port(), ffn, tied, str(out)), nprocs=2, start_method="spawn"
+        _tp_grad_worker, args=(free_port(), ffn, tied, str(out)), nprocs=2, start_method="spawn"
     )
     res = torch.load(out, weights_only=False)
     assert res["loss"][1] == pytest.approx(res["loss"][0], rel=1e-6)
