@@ -31,7 +31,7 @@ from data_prep.tokenizer import META_FILE, TextTokenizer, load_tokenizer_dir
 from mop.config import validate
 from mop.errors import DataError
 from mop.fileio import read_json
-from pretrain.checkpoint import POINTER, read_pointer
+from pretrain.checkpoint import POINTER, optim_partition_files, read_pointer
 from pretrain.config import REPO_ROOT, TrainConfig
 from pretrain.model.accounting import model_size
 from pretrain.model.config import ModelConfig
@@ -185,7 +185,7 @@ def _read_states(step_dir: Path) -> tuple[dict[str, Any], bool]:
 
 
 def _zero3_state_dict(step_dir: Path, dp_world: int) -> dict[str, torch.Tensor]:
-    found = len(list(step_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    found = len(optim_partition_files(step_dir, tp_rank=0))
     if found != dp_world:
         raise DataError(
             f"ZeRO-3 checkpoint {step_dir} is incomplete: {found} of {dp_world} partition files"

@@ -26,6 +26,7 @@ so with the same global batch the resumed run sees the same samples.
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,17 +128,26 @@ class Loaded:
     client_state: dict
 
 
-def _optim_files(tag_dir: Path, tp_rank: int) -> list[Path]:
-    """This tp rank's ZeRO partition files, in data-parallel rank order."""
-    files = tag_dir.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
-    return sorted(files, key=lambda f: int(f.name.split("_")[3]))
+# DeepSpeed names ZeRO optimizer partitions `zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt`,
+# with a `bf16_` prefix when the run trained in bf16 (engine._get_zero_ckpt_prefix).
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def optim_partition_files(tag_dir: str | Path, tp_rank: int) -> list[Path]:
+    """This tp rank's ZeRO partition files (fp32 or bf16 run), in data-parallel rank order."""
+    found = []
+    for f in Path(tag_dir).iterdir():
+        m = _OPTIM_FILE.match(f.name)
+        if m and int(m.group(2)) == tp_rank:
+            found.append((int(m.group(1)), f))
+    return [f for _, f in sorted(found)]
 
 
 def saved_sizes(tag_dir: str | Path) -> tuple[int, int]:
     """(dp, tp) of the run that wrote a DeepSpeed checkpoint directory (ZeRO 1/2)."""
     tag_dir = Path(tag_dir)
     tp = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
-    return len(_optim_files(tag_dir, 0)), tp
+    return len(optim_partition_files(tag_dir, 0)), tp
 
 
 def full_optimizer_state(tag_dir: str | Path, tp_rank: int) -> tuple[dict, list, list]:
@@ -147,7 +157,7 @@ def full_optimizer_state(tag_dir: str | Path, tp_rank: int) -> tuple[dict, list,
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     steps: list = []
     groups: list = []
-    for f in _optim_files(Path(tag_dir), tp_rank):
+    for f in optim_partition_files(Path(tag_dir), tp_rank):
         osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         if int(osd["zero_stage"]) not in (1, 2):
             raise DataError(f"{f}: resharding supports ZeRO 1/2 only (stage {osd['zero_stage']})")
@@ -209,8 +219,17 @@ def load(engine, ckpt_dir: str | Path, rank: int, dp: int = 1, tp_rank: int = 0)
             f"checkpoint {ckpt_dir / tag} was saved with tensor_parallel={saved_tp}; resume "
             f"with the same tensor_parallel (now {tp})"
         )
-    expert_parallel = any(getattr(engine.optimizer, "is_moe_param_group", ()))
+    # Expert shards are marked allreduce=False (pretrain.parallel.expert.is_expert_param).
+    expert_parallel = any(
+        getattr(p, "allreduce", True) is False for p in engine.module.parameters()
+    )
     if saved_dp and saved_dp != dp:
+        if engine.zero_optimization_stage() not in (1, 2):
+            raise DataError(
+                f"checkpoint {ckpt_dir / tag} was saved with {saved_dp} data-parallel ranks; "
+                f"resharding to {dp} works for ZeRO 1/2 only (this run: stage "
+                f"{engine.zero_optimization_stage()}); resume on {saved_dp} data-parallel ranks"
+            )
         if expert_parallel:
             raise DataError(
                 f"checkpoint {ckpt_dir / tag} was saved with {saved_dp} data-parallel ranks; an "

@@ -142,6 +142,14 @@ class TrainConfig(StrictModel):
                 "zero_stage=3 with model.ffn=moe is not supported (DeepSpeed's stage-3 "
                 "parameter partitioning fails in the MoE backward); use zero_stage 1 or 2"
             )
+        if self.parallel.expert_parallel > 1 and self.zero_stage == 0:
+            # Stage 0 saves module and optimizer from rank 0 only: the other ranks' expert
+            # shards and their Adam moments would be lost at the first resume (seen: resumed
+            # losses off by 1e-4 with every rank holding rank 0's experts).
+            raise ValueError(
+                "parallel.expert_parallel > 1 needs zero_stage 1 or 2 (stage 0 checkpoints "
+                "hold only rank 0's experts, so a resume would lose the others)"
+            )
         if self.schedule.warmup_steps > self.max_steps:
             raise ValueError(
                 f"schedule.warmup_steps={self.schedule.warmup_steps} > max_steps={self.max_steps}"

@@ -7,12 +7,9 @@ with `build_mpu(mesh)` so ZeRO works over the data-parallel group only).
 
 from __future__ import annotations
 
-import importlib.util
-
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mop.errors import ConfigError
 from pretrain.config import TrainConfig
 from pretrain.parallel.mesh import Mesh, build_mesh, init_process_groups
 from pretrain.parallel.mpu import build_mpu
@@ -30,8 +27,6 @@ __all__ = [
 
 def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
     """Apply tp/sp, ep and activation checkpointing in place; the mesh must have its groups."""
-    if mesh.ep > 1 and importlib.util.find_spec("pretrain.parallel.expert") is None:
-        raise ConfigError(f"expert_parallel={mesh.ep}: expert parallel is not available yet")
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh)
     if mesh.ep > 1:

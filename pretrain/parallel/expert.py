@@ -50,10 +50,10 @@ What the trainer must do (DeepSpeed path), in this order:
      and this copies it back before the next forward.
   For export/consolidation: `gather_expert_weights(model, mesh)` (collective) returns a state
   dict of full tensors that loads into the single-process model.
-  Note `pretrain.parallel.parallelize` still refuses ep > 1; it must call step 1.
-Gradient clipping note: DeepSpeed averages the expert groups' norms over the expert dp group
-(`_average_expert_grad_norms`); the clipped global norm is therefore DeepSpeed's definition,
-not exactly the single-process norm.
+Gradient clipping: ZeRO 1/2 sum each rank's squared partition norm over the FULL dp group, so
+every expert shard counts exactly once and the clipped global norm equals the single-process
+one (tests/pretrain/test_parallel_equivalence.py runs EP=2 with clipping active; bf16 too in
+test_bf16_cpu.py). ZeRO stage 0 is refused with ep > 1 (its checkpoints keep rank 0's experts).
 """
 
 from __future__ import annotations

@@ -37,11 +37,12 @@ def test_configs_load_and_model_path_resolves():
         ("schedule.warmup_steps=1000", "warmup_steps"),
         ("bogus=1", "unknown config field"),
         ("model=configs/model/nope.yaml", "not found"),
+        ("parallel.expert_parallel=2 zero_stage=0", "needs zero_stage 1 or 2"),
     ],
 )
 def test_bad_values_are_clear_errors(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(TrainConfig, TINY, [override])
+        load_config(TrainConfig, TINY, override.split())
 
 
 def test_global_batch_derived_and_checked():

@@ -18,11 +18,8 @@ more after a step, e.g. a wrong lr on the first resumed step gave 2e-3).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,51 +36,13 @@ from pretrain.model.transformer import build_model, lm_loss
 from pretrain.parallel import build_mesh, init_process_groups, parallelize
 from pretrain.parallel.tensor import consolidate_tp_shards
 from pretrain.trainer import batch_lm_loss
-from tests.pretrain.conftest import REPO, train_overrides
+from tests.pretrain.conftest import train_overrides
+from tests.pretrain.runs import TINY, assert_same_run, metrics, run_pretrain
 
 RTOL = 1e-5
-TINY = REPO / "configs/train/tiny_cpu.yaml"
 # n_kv_heads=2 so that kv heads split over tp=2; checkpoints at 10 and 20 for the resize test.
 MODEL = {"model.n_kv_heads": 2, "checkpoint.interval": 10, "zero_stage": 2}
 DENSE = {**MODEL, "model.ffn": "dense"}
-
-
-def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300):
-    """`python -m pretrain` (via the test wrapper) in one process or under torchrun."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
-    }
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        launcher += [f"--master_port={free_port()}"]
-    cmd = [*launcher, str(REPO / "tests/pretrain/fault_wrapper.py"), "--config", str(TINY)]
-    res = subprocess.run(
-        [*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-    return res
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out.setdefault(rec["step"], {}).update(rec)
-    return out
-
-
-def assert_same_run(
-    ref: dict[int, dict], got: dict[int, dict], steps, grad_norm_rtol: float = RTOL
-) -> None:
-    for s in steps:
-        for key in ("loss", "grad_norm", "val_loss", "lr", "samples"):
-            if key in ref[s]:
-                rtol = grad_norm_rtol if key == "grad_norm" else RTOL
-                assert got[s][key] == pytest.approx(ref[s][key], rel=rtol), (s, key)
 
 
 def serial(data_dir, tmp_path_factory, name: str, extra: dict) -> Path:
@@ -199,7 +158,9 @@ def test_ep2_moe_matches_serial(data_dir, tmp_path_factory, tmp_path):
     i % dp == r of a global batch, so the serial reference uses one-sequence micro-batches:
     then both runs sum the same per-sequence terms (serial: accumulation 4; EP: 2 per rank).
     """
-    one_seq = {**MODEL, "batch.micro_batch": 1}
+    # grad_clip 0.3 sits below every step's norm (~0.7): the clipped update is compared too,
+    # so the global norm must count every rank's expert shard exactly once.
+    one_seq = {**MODEL, "batch.micro_batch": 1, "optim.grad_clip": 0.3}
     ref_run = serial(
         data_dir, tmp_path_factory, "serial_moe_micro1", {**one_seq, "batch.grad_accum": 4}
     )
@@ -207,18 +168,15 @@ def test_ep2_moe_matches_serial(data_dir, tmp_path_factory, tmp_path):
     res = run_pretrain(train_overrides(data_dir, tmp_path, **over), 2)
     assert "ep 2" in res.stdout
     ref, got = metrics(ref_run), metrics(tmp_path)
-    # DeepSpeed reduces an expert group's gradient norm over the expert-data-parallel group
-    # only, so the logged norm counts this rank's expert shard and not the other's. The
-    # update is unaffected while clipping is inactive (norm below optim.grad_clip = 1).
-    assert all(ref[s]["grad_norm"] < 1.0 for s in range(1, 21))
-    assert_same_run(ref, got, range(1, 21), grad_norm_rtol=1e-3)
+    assert all(ref[s]["grad_norm"] > 0.3 for s in range(1, 21))
+    assert_same_run(ref, got, range(1, 21))
     assert got[20]["aux_loss"] == pytest.approx(ref[20]["aux_loss"], rel=RTOL)
     # resume: each rank gets its own expert shard back (DeepSpeed saves the module from rank 0)
     shutil.rmtree(tmp_path / "checkpoints" / tag_of(20))
     (tmp_path / "checkpoints" / POINTER).write_text(tag_of(10) + "\n")
     res = run_pretrain(train_overrides(data_dir, tmp_path, **over), 2)
     assert f"resumed from {tag_of(10)}" in res.stdout
-    assert_same_run(ref, metrics(tmp_path), range(11, 21), grad_norm_rtol=1e-3)
+    assert_same_run(ref, metrics(tmp_path), range(11, 21))
     # what eval loads: rank 0's module file plus every rank's expert shard = the serial weights
     from pretrain.parallel.expert import merge_expert_shards
 

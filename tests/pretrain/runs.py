@@ -1,0 +1,67 @@
+"""Running `python -m pretrain` as a user would (one process or under torchrun) and reading
+its metrics.jsonl back, for the tests that compare whole runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.launch import free_port
+from tests.pretrain.conftest import REPO
+
+TINY = REPO / "configs/train/tiny_cpu.yaml"
+RTOL = 1e-5
+
+
+def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300):
+    """`python -m pretrain` (via the test wrapper) in one process or under torchrun."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+    }
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        launcher += [f"--master_port={free_port()}"]
+    cmd = [*launcher, str(REPO / "tests/pretrain/fault_wrapper.py"), "--config", str(TINY)]
+    res = subprocess.run(
+        [*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if res.returncode != 0:
+        # torchrun's summary buries the ranks' own errors: show those first.
+        errors = [ln for ln in res.stderr.splitlines() if "Error" in ln or "error:" in ln][:20]
+        joined = "\n".join(errors)
+        pytest.fail(
+            f"exit {res.returncode}\n{joined}\n--- stdout\n{res.stdout[-2000:]}\n"
+            f"--- stderr\n{res.stderr[-3000:]}"
+        )
+    return res
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.setdefault(rec["step"], {}).update(rec)
+    return out
+
+
+def assert_same_run(
+    ref: dict[int, dict],
+    got: dict[int, dict],
+    steps,
+    grad_norm_rtol: float = RTOL,
+    rtol: float = RTOL,
+) -> None:
+    for s in steps:
+        for key in ("loss", "grad_norm", "val_loss", "lr", "samples"):
+            if key in ref[s]:
+                tol = grad_norm_rtol if key == "grad_norm" else rtol
+                assert got[s][key] == pytest.approx(ref[s][key], rel=tol), (s, key)
