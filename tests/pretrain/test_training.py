@@ -80,9 +80,14 @@ def test_sigterm_saves_and_exits_with_requeue_code(data_dir, tmp_path):
     assert max(step_losses(tmp_path)) == 5
 
 
-@pytest.mark.parametrize("zero_stage", [1, 0])
-def test_nonfinite_step_is_skipped_and_counted(data_dir, tmp_path, zero_stage):
-    over = train_overrides(data_dir, tmp_path, max_steps=8, zero_stage=zero_stage)
+@pytest.mark.parametrize(
+    "zero_stage,precision", [(1, "fp32"), (0, "fp32"), (1, "bf16"), (2, "bf16"), (0, "bf16")]
+)
+def test_nonfinite_step_is_skipped_and_counted(data_dir, tmp_path, zero_stage, precision):
+    # bf16: the GPU's path (DeepSpeed's bf16 overflow check; stage 0 wraps the optimizer).
+    over = train_overrides(
+        data_dir, tmp_path, max_steps=8, zero_stage=zero_stage, precision=precision
+    )
     res = run_trainer(over, {"MOP_TEST_NAN_STEPS": "4"})
     check_ok(res)
     recs = {
