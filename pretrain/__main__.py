@@ -57,6 +57,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         LoggingCallback,
         Trainer,
         flops_per_token,
+        keep_stage0_grad_norm,
         write_run_config,
     )
 
@@ -95,6 +96,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         lr_scheduler=schedule,
         mpu=build_mpu(mesh),  # ZeRO over the data-parallel group only
     )
+    keep_stage0_grad_norm(engine)
     # Per-rank RNG streams (restored from the checkpoint on resume).
     random.seed(cfg.seed * 1009 + de.rank)
     np.random.seed(cfg.seed * 1009 + de.rank)

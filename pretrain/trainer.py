@@ -118,6 +118,25 @@ def _step_without_update(engine) -> None:
     engine.skipped_steps += 1
 
 
+def keep_stage0_grad_norm(engine) -> None:
+    """fp32 without ZeRO: DeepSpeed clips with `clip_grad_norm_` but drops the global norm it
+    computed (get_global_grad_norm() stays None); keep it, so grad_norm is logged on every
+    path. (The ZeRO and bf16 optimizers record theirs.)"""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        norm = clip_grad_norm_(
+            parameters=engine.module.parameters(),
+            max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu,
+        )
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
+
+
 class Callback:
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         """Called on every rank after each step (collectives are allowed)."""

@@ -99,6 +99,8 @@ def test_nonfinite_step_is_skipped_and_counted(data_dir, tmp_path, zero_stage, p
     assert recs[4]["lr"] == recs[5]["lr"]  # no update, so the schedule did not advance
     # the NaN never reached the weights: every later loss is finite
     assert all(isinstance(recs[s]["loss"], float) for s in (6, 7, 8))
+    # every path logs the global gradient norm of its applied steps (fp32 stage 0 too)
+    assert all(isinstance(recs[s]["grad_norm"], float) for s in (1, 2, 6, 8))
     assert recs[8]["skipped_steps"] == 1
 
 
