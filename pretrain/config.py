@@ -91,7 +91,9 @@ class LoggingConfig(StrictModel):
     # Peak dense TFLOP/s of one device in the training precision (H100 SXM bf16: 989); None =
     # MFU not reported.
     peak_tflops: float | None = Field(None, gt=0)
-    expert_load_by_source: bool = True  # extra no-grad forward per source on log steps (MoE)
+    # Expert load per data source on log steps (MoE): counted from the step's own routing
+    # over every micro-batch and data-parallel rank, so it costs no extra forward.
+    expert_load_by_source: bool = True
 
 
 class ParallelConfig(StrictModel):

@@ -39,19 +39,40 @@ def expert_load(stats: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def expert_load_by_source(
-    model: torch.nn.Module, input_ids: torch.Tensor, source_ids: torch.Tensor, labels: list[str]
+def source_expert_counts(
+    stats: list[dict[str, torch.Tensor]], source_ids: torch.Tensor, num_sources: int
+) -> torch.Tensor | None:
+    """[sources, MoE layers, experts] int64: token-assignments per expert of one micro-batch,
+    by the data source of each sequence (from the layers' `expert_counts_per_row`); None for a
+    model without token-choice MoE layers. Summed over micro-batches and ranks by the trainer."""
+    layers = [st["expert_counts_per_row"] for st in stats if "expert_counts_per_row" in st]
+    if not layers:
+        return None
+    per_row = torch.stack(layers, dim=1)  # [B, L, E]
+    out = torch.zeros((num_sources, *per_row.shape[1:]), dtype=torch.int64, device=per_row.device)
+    return out.index_add_(0, source_ids.to(per_row.device), per_row)
+
+
+def expert_load_from_counts(
+    counts: torch.Tensor, labels: list[str], by_source: bool = True
 ) -> dict[str, Any]:
-    """Expert load of each layer for the sequences of each data source (one extra no-grad
-    forward per source present; only called on log steps)."""
+    """Per-layer expert load (share of the assignments, max share / mean share) of a whole
+    step from `source_expert_counts` summed over the step, and the same share per source."""
     out: dict[str, Any] = {}
-    for s in torch.unique(source_ids).tolist():
-        res = model(input_ids[source_ids == s])
-        for layer, st in enumerate(res.expert_stats):
-            if "tokens_per_expert_frac" in st:
-                out[f"expert_load_by_source/{labels[s]}/layer{layer}"] = [
-                    round(float(x), 6) for x in st["tokens_per_expert_frac"]
-                ]
+    total = counts.sum(dim=0).double()  # [L, E]
+    num_experts = total.shape[1]
+    for layer, row in enumerate(total):
+        frac = row / row.sum().clamp_min(1.0)
+        out[f"expert_load/layer{layer}"] = [round(float(x), 6) for x in frac]
+        out[f"expert_imbalance/layer{layer}"] = float(frac.max() * num_experts)
+    if by_source:
+        for s, label in enumerate(labels):
+            for layer, row in enumerate(counts[s].double()):
+                if row.sum() > 0:  # a source absent from this step has no load to show
+                    frac = row / row.sum()
+                    out[f"expert_load_by_source/{label}/layer{layer}"] = [
+                        round(float(x), 6) for x in frac
+                    ]
     return out
 
 

@@ -31,8 +31,14 @@ from mop.config import save_resolved, to_yaml
 from mop.errors import DataError
 from pretrain import checkpoint
 from pretrain.config import DerivedSizes, TrainConfig
-from pretrain.data import Batch, TrainData, ValidationSet
-from pretrain.metrics import MetricsLogger, expert_load, expert_load_by_source, mfu
+from pretrain.data import TrainData, ValidationSet
+from pretrain.metrics import (
+    MetricsLogger,
+    expert_load,
+    expert_load_from_counts,
+    mfu,
+    source_expert_counts,
+)
 from pretrain.model.accounting import model_size
 from pretrain.model.transformer import lm_loss
 from pretrain.parallel import Mesh
@@ -64,8 +70,9 @@ class StepResult:
     applied: bool
     grad_norm: float | None
     seconds: float
-    last_batch: Batch
     expert_stats: list = field(default_factory=list)
+    # [sources, MoE layers, experts] assignments of this rank's micro-batches (None: no MoE)
+    expert_counts: torch.Tensor | None = None
 
 
 def _all_reduce_mean(values: list[float], mesh: Mesh) -> list[float]:
@@ -232,8 +239,12 @@ class Trainer:
             self.sizes.micro_batch,
         )
         lm_sum = aux_sum = 0.0
+        counts = None
         for i, mb in enumerate(batches):
             out = engine(mb.input_ids.to(engine.device))
+            mb_counts = source_expert_counts(out.expert_stats, mb.source_ids, len(self.data.labels))
+            if mb_counts is not None:
+                counts = mb_counts if counts is None else counts + mb_counts
             lm = batch_lm_loss(out.logits, mb.targets.to(engine.device), self.mesh)
             loss = lm + out.aux_loss
             engine.backward(loss)
@@ -255,8 +266,8 @@ class Trainer:
             applied=applied and math.isfinite(lm_mean + aux_mean),
             grad_norm=None if norm is None else float(norm),
             seconds=time.perf_counter() - t0,
-            last_batch=batches[-1],
             expert_stats=out.expert_stats,
+            expert_counts=counts,
         )
 
     def fit(self) -> int:
@@ -331,19 +342,20 @@ class LoggingCallback(Callback):
         )
         if m is not None:
             values["mfu"] = m
-        values.update(expert_load(result.expert_stats))
-        # The per-source loads need extra forwards on each rank's own batch; under expert
-        # parallelism a forward is an all-to-all that every rank must join the same number of
-        # times, and ranks hold different sources, so they are not computed there.
-        by_source = self.cfg.logging.expert_load_by_source and trainer.mesh.ep == 1
-        if by_source and result.expert_stats:
-            b = result.last_batch
-            with torch.no_grad():
-                values.update(
-                    expert_load_by_source(
-                        trainer.engine.module, b.input_ids, b.source_ids, trainer.data.labels
-                    )
+        if result.expert_counts is not None:
+            # The whole step's routing: every micro-batch of every data-parallel rank (tp
+            # ranks of one dp rank hold the same counts; expert-parallel ranks are dp ranks).
+            counts = result.expert_counts
+            if trainer.mesh.dp > 1:
+                counts = counts.clone()
+                dist.all_reduce(counts, group=trainer.mesh.dp_group)
+            values.update(
+                expert_load_from_counts(
+                    counts.cpu(), trainer.data.labels, self.cfg.logging.expert_load_by_source
                 )
+            )
+        else:
+            values.update(expert_load(result.expert_stats))
         self.logger.log(st.step, values)
         self._seconds, self._steps = 0.0, 0
 

@@ -9,6 +9,7 @@ from pretrain.model.config import MoEConfig
 from pretrain.model.moe_backends import MegablocksExperts, torch_dropless_experts
 from pretrain.model.router import (
     TopKRouter,
+    expert_counts_per_row,
     expert_load_stats,
     load_balancing_loss,
     router_z_loss,
@@ -62,6 +63,9 @@ class MoE(nn.Module):
             "lb_loss": load_balancing_loss(routing.probs, routing.tokens_per_expert, self.top_k),
             "z_loss": router_z_loss(routing.logits),
             **expert_load_stats(routing.tokens_per_expert),
+            "expert_counts_per_row": expert_counts_per_row(
+                routing.experts, shape[0] if len(shape) == 3 else 1, self.num_experts
+            ),
         }
         return y.view(shape), aux
 

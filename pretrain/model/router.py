@@ -65,6 +65,17 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def expert_counts_per_row(experts: Tensor, rows: int, num_experts: int) -> Tensor:
+    """[rows, E] int64: how many of each row's (sequence's) token-assignments went to each
+    expert. `experts` is the [N, k] routing of N = rows x t tokens in row-major order. The
+    trainer sums these per data source (exact per-source load, no extra forward)."""
+    n = experts.shape[0]
+    row = torch.arange(n, device=experts.device) // max(1, n // max(1, rows))
+    flat = (row[:, None] * num_experts + experts).flatten()
+    return torch.bincount(flat, minlength=rows * num_experts).view(rows, num_experts)
+
+
+@torch.no_grad()
 def expert_load_stats(tokens_per_expert: Tensor) -> dict[str, Tensor]:
     """Detached load statistics of one layer for logging.
 

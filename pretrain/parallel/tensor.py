@@ -112,6 +112,11 @@ def _replicated_ffn(ffn: nn.Module, group) -> None:
             frac = aux["tokens_per_expert_frac"].detach().float().clone()
             dist.all_reduce(frac, group=group)
             aux.update(expert_load_stats(frac / dist.get_world_size(group)))
+        if "expert_counts_per_row" in aux:
+            # Each rank counted its slice of every row: the sum is the whole sequence's.
+            counts = aux["expert_counts_per_row"].clone()
+            dist.all_reduce(counts, group=group)
+            aux["expert_counts_per_row"] = counts
         return y, aux
 
     ffn.forward = forward

@@ -5,6 +5,7 @@ import torch
 
 from pretrain.model.router import (
     TopKRouter,
+    expert_counts_per_row,
     expert_load_stats,
     load_balancing_loss,
     router_z_loss,
@@ -66,6 +67,28 @@ def test_expert_load_stats():
     assert stats["max_imbalance"].item() == pytest.approx(3.0)
     assert stats["min_imbalance"].item() == 0.0
     assert stats["dead_experts"].item() == 2
+
+
+def test_expert_counts_per_row_by_hand():
+    # 2 rows x 3 tokens, top-2 over 4 experts, tokens in row-major order.
+    experts = torch.tensor([[0, 1], [0, 2], [1, 0], [3, 2], [3, 2], [3, 1]])
+    counts = expert_counts_per_row(experts, rows=2, num_experts=4)
+    assert counts.tolist() == [[3, 2, 1, 0], [0, 1, 2, 3]]
+    assert counts.sum(0).tolist() == torch.bincount(experts.flatten(), minlength=4).tolist()
+
+
+def test_moe_layer_reports_per_row_counts():
+    from pretrain.model.config import MoEConfig
+    from pretrain.model.moe import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(8, MoEConfig(num_experts=4, top_k=2), ffn_hidden=16)
+    layer.reset_parameters(0.2, 0.2)
+    _, aux = layer(torch.randn(3, 5, 8))
+    per_row = aux["expert_counts_per_row"]
+    assert per_row.shape == (3, 4) and per_row.sum(1).tolist() == [10, 10, 10]
+    frac = per_row.sum(0).float() / 30
+    torch.testing.assert_close(frac, aux["tokens_per_expert_frac"])
 
 
 def test_router_runs_in_fp32_for_bf16_inputs():

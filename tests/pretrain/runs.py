@@ -65,3 +65,14 @@ def assert_same_run(
             if key in ref[s]:
                 tol = grad_norm_rtol if key == "grad_norm" else rtol
                 assert got[s][key] == pytest.approx(ref[s][key], rel=tol), (s, key)
+
+
+def assert_same_expert_load(ref: dict[int, dict], got: dict[int, dict], steps) -> None:
+    """The logged expert loads (whole step, and per data source) of two runs agree: the same
+    tokens went to the same experts, whatever the process layout."""
+    for s in steps:
+        keys = sorted(k for k in ref[s] if k.startswith("expert_load"))
+        assert any(k.startswith("expert_load_by_source/") for k in keys), (s, keys)
+        assert keys == sorted(k for k in got[s] if k.startswith("expert_load")), s
+        for k in keys:
+            assert got[s][k] == pytest.approx(ref[s][k], abs=1e-6), (s, k)

@@ -37,7 +37,13 @@ from pretrain.parallel import build_mesh, init_process_groups, parallelize
 from pretrain.parallel.tensor import consolidate_tp_shards
 from pretrain.trainer import batch_lm_loss
 from tests.pretrain.conftest import train_overrides
-from tests.pretrain.runs import TINY, assert_same_run, metrics, run_pretrain
+from tests.pretrain.runs import (
+    TINY,
+    assert_same_expert_load,
+    assert_same_run,
+    metrics,
+    run_pretrain,
+)
 
 RTOL = 1e-5
 # n_kv_heads=2 so that kv heads split over tp=2; checkpoints at 10 and 20 for the resize test.
@@ -142,6 +148,7 @@ def test_tp2_moe_matches_serial(serial_moe, data_dir, tmp_path):
     run_pretrain(train_overrides(data_dir, tmp_path, **MODEL, **{"parallel.tensor_parallel": 2}), 2)
     ref, got = metrics(serial_moe), metrics(tmp_path)
     assert_same_run(ref, got, range(1, 21))
+    assert_same_expert_load(ref, got, (1, 10, 20))
     assert got[20]["aux_loss"] == pytest.approx(ref[20]["aux_loss"], rel=RTOL)
 
 
@@ -170,6 +177,7 @@ def test_ep2_moe_matches_serial(data_dir, tmp_path_factory, tmp_path):
     ref, got = metrics(ref_run), metrics(tmp_path)
     assert all(ref[s]["grad_norm"] > 0.3 for s in range(1, 21))
     assert_same_run(ref, got, range(1, 21))
+    assert_same_expert_load(ref, got, (1, 10, 20))
     assert got[20]["aux_loss"] == pytest.approx(ref[20]["aux_loss"], rel=RTOL)
     # resume: each rank gets its own expert shard back (DeepSpeed saves the module from rank 0)
     shutil.rmtree(tmp_path / "checkpoints" / tag_of(20))
