@@ -66,11 +66,6 @@ def _files(
     return SourceSpec(key, hub_id, None, split, builder, files, columns, render, keep, description)
 
 
-def _converted_parquet(repo: str, config: str) -> str:
-    """Files of the hub's automatic parquet conversion (refs/convert/parquet branch)."""
-    return f"hf://datasets/{repo}@refs%2Fconvert%2Fparquet/{config}/{{split}}/*.parquet"
-
-
 COSMOPEDIA_CONFIGS = (
     "web_samples_v1",
     "web_samples_v2",
@@ -167,7 +162,8 @@ def _build() -> dict[str, SourceSpec]:
             r.qa_renderer("query", "response"),
             "MetaMathQA: one top-level JSON array file (a single unit)",
         ),
-        # ---- downstream training sets (train splits only; evaluation uses the others)
+        # ---- downstream training sets (train splits only; evaluation uses the others). Each
+        # comes from the hub repo the installed lm-eval evaluates on (tests/data_prep check it).
         _hub(
             "triviaqa",
             "mandarjoshi/trivia_qa",
@@ -200,32 +196,29 @@ def _build() -> dict[str, SourceSpec]:
             r.render_arc,
             "ARC-Challenge train, correct choice text",
         ),
-        _files(
+        _hub(
             "hellaswag",
             "Rowan/hellaswag",
-            "parquet",
-            _converted_parquet("Rowan/hellaswag", "default"),
+            None,
             ("ctx", "endings", "label"),
             r.render_hellaswag,
-            "HellaSwag train (repo had a loading script: read its refs/convert/parquet files)",
+            "HellaSwag train, context then the correct ending",
         ),
-        _files(
+        _hub(
             "piqa",
-            "ybisk/piqa",
-            "parquet",
-            _converted_parquet("ybisk/piqa", "plain_text"),
+            "baber/piqa",
+            None,
             ("goal", "sol1", "sol2", "label"),
             r.render_piqa,
-            "PIQA train (script-based repo: read its refs/convert/parquet files)",
+            "PIQA train (parquet copy of the script-only ybisk/piqa, as lm-eval uses)",
         ),
-        _files(
+        _hub(
             "siqa",
-            "allenai/social_i_qa",
-            "parquet",
-            _converted_parquet("allenai/social_i_qa", "default"),
+            "lighteval/siqa",
+            None,
             ("context", "question", "answerA", "answerB", "answerC", "label"),
             r.render_siqa,
-            "Social IQa train (script-based repo: read its refs/convert/parquet files)",
+            "Social IQa train (parquet copy of the script-only allenai/social_i_qa, as lm-eval uses)",
         ),
         _hub(
             "winogrande",

@@ -324,7 +324,7 @@ def test_hub_branch_overrides_and_file_entries(fake_hub):
     with pytest.raises(DataError, match="split 'test' does not apply"):
         open_source(SourceConfig(source="metamathqa", split="test"))
     with pytest.raises(DataError, match="hub_config does not apply"):
-        open_source(SourceConfig(source="piqa", hub_config="x"))
+        open_source(SourceConfig(source="metamathqa", hub_config="x"))
 
 
 def test_hub_failure_is_a_data_error(monkeypatch):
@@ -334,3 +334,34 @@ def test_hub_failure_is_a_data_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="fineweb-edu.*data_files"):
         open_source(SourceConfig(source="fineweb_edu"))
+
+
+# The eval task that each downstream training source is the train split of.
+EVAL_TASK_OF_SOURCE = {"siqa": "social_iqa"}
+DOWNSTREAM = [
+    "triviaqa",
+    "nq_open",
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "piqa",
+    "siqa",
+    "winogrande",
+    "commonsense_qa",
+    "openbookqa",
+    "sciq",
+    "gsm8k",
+]
+
+
+@pytest.mark.parametrize("key", DOWNSTREAM)
+def test_downstream_training_sets_come_from_the_repos_lm_eval_scores(key):
+    """Train on the train split of exactly the hub dataset the benchmark is scored on (lm-eval's
+    own task config): the same schema, and no second copy with other ids or splits."""
+    from eval.tasks import TASKS, harness_config
+
+    spec = get_spec(key)
+    cfg = harness_config(TASKS[EVAL_TASK_OF_SOURCE.get(key, key)])
+    assert (spec.hub_id, spec.hub_config) == (cfg["dataset_path"], cfg.get("dataset_name"))
+    assert spec.builder is None and spec.split == "train"
+    assert cfg.get("training_split") in ("train", None)
