@@ -20,11 +20,15 @@ exp_avg / exp_avg_sq, step) and writes them into the new partitions through Deep
 `load_optimizer_states=False`. Each rank reads every saved partition of its tp rank once, so
 it holds the full fp32 optimizer state briefly (3 x fp32 model size / tp): fine for a resize
 event, not for every resume. The sample order is a pure function of the consumed-sample count,
-so with the same global batch the resumed run sees the same samples.
+so with the same global batch the resumed run sees the same samples. Under expert parallelism
+(same `ep`) the expert groups are partitioned per expert shard over its expert-data-parallel
+ranks; `full_optimizer_state` regathers each shard from the files of the ranks that held it.
+A change of tp or ep is refused in one line (`layout.json` records dp, tp, ep of each save).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -40,6 +44,7 @@ from mop.errors import DataError
 from mop.fileio import atomic_path, atomic_write_text
 
 POINTER = "latest_complete"
+LAYOUT = "layout.json"  # {"dp", "tp", "ep"} of the run that wrote a save
 
 
 def tag_of(step: int) -> str:
@@ -84,14 +89,18 @@ def save(
     rank: int,
     keep_last: int,
     expert_ranks: tuple[int, int] | None = None,
+    layout: dict[str, int] | None = None,
 ) -> str:
     """Collective: every rank must call it. Returns the tag.
 
     `expert_ranks` = (ep_rank, expert_dp_rank) under expert parallelism: each rank also writes
-    its expert shard (DeepSpeed's module file holds rank 0's experts only)."""
+    its expert shard (DeepSpeed's module file holds rank 0's experts only). `layout` (dp, tp,
+    ep) goes to `layout.json`, so a resume can refuse a layout it cannot load in one line."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if layout is not None and rank == 0:
+        atomic_write_text(ckpt_dir / tag / LAYOUT, json.dumps(layout, sort_keys=True) + "\n")
     with atomic_path(ckpt_dir / tag / f"rng_rank{rank}.pt") as tmp:
         torch.save(rng_state(), tmp)
     if expert_ranks is not None:
@@ -150,14 +159,22 @@ def saved_sizes(tag_dir: str | Path) -> tuple[int, int]:
     return len(optim_partition_files(tag_dir, 0)), tp
 
 
-def full_optimizer_state(tag_dir: str | Path, tp_rank: int) -> tuple[dict, list, list]:
+def full_optimizer_state(
+    tag_dir: str | Path, tp_rank: int, ep_rank: int = 0, ep: int = 1
+) -> tuple[dict, list, list]:
     """Per-parameter full {'fp32', 'exp_avg', 'exp_avg_sq'}, each group's Adam step and its
     hyperparameters (the lr of the step being resumed lives there), from the ZeRO 1/2
-    partitions of any dp size."""
+    partitions of any dp size.
+
+    Expert groups (`moe` in the saved param group) are partitioned over the expert-data-parallel
+    ranks of one expert shard, not over all dp ranks: under expert parallelism the full state
+    of this rank's shard `ep_rank` is the concatenation, in dp-rank order, of the files of the
+    dp ranks with dp_rank % ep == ep_rank (pretrain.parallel.mesh layout)."""
+    files = optim_partition_files(Path(tag_dir), tp_rank)
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     steps: list = []
     groups: list = []
-    for f in optim_partition_files(Path(tag_dir), tp_rank):
+    for dp_rank, f in enumerate(files):
         osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         if int(osd["zero_stage"]) not in (1, 2):
             raise DataError(f"{f}: resharding supports ZeRO 1/2 only (stage {osd['zero_stage']})")
@@ -165,6 +182,15 @@ def full_optimizer_state(tag_dir: str | Path, tp_rank: int) -> tuple[dict, list,
         steps = [state[g]["step"] for g in sorted(state)]
         groups = osd["base_optimizer_state"]["param_groups"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
+            if groups[g].get("moe"):
+                saved_ep = len(files) // int(osd["partition_count"][g])
+                if saved_ep != ep:
+                    raise DataError(
+                        f"checkpoint {tag_dir} was saved with expert_parallel={saved_ep}; "
+                        f"resume with the same (now {ep})"
+                    )
+                if dp_rank % ep != ep_rank:
+                    continue  # another expert shard
             flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **state[g]}
             for name, addr in mapping.items():
                 per = pieces.setdefault(name, {k: [] for k in ("fp32", "exp_avg", "exp_avg_sq")})
@@ -174,13 +200,13 @@ def full_optimizer_state(tag_dir: str | Path, tp_rank: int) -> tuple[dict, list,
     return full, steps, groups
 
 
-def _load_resharded(engine, ckpt_dir: Path, tag: str, tp_rank: int):
+def _load_resharded(engine, ckpt_dir: Path, tag: str, tp_rank: int, ep_rank: int, ep: int):
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _, client = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True
     )
-    full, steps, saved_groups = full_optimizer_state(ckpt_dir / tag, tp_rank)
+    full, steps, saved_groups = full_optimizer_state(ckpt_dir / tag, tp_rank, ep_rank, ep)
     zero = engine.optimizer
     opt = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
     for group, step, saved in zip(opt.param_groups, steps, saved_groups):
@@ -205,14 +231,30 @@ def _load_resharded(engine, ckpt_dir: Path, tag: str, tp_rank: int):
     return client
 
 
-def load(engine, ckpt_dir: str | Path, rank: int, dp: int = 1, tp_rank: int = 0) -> Loaded | None:
+def load(
+    engine,
+    ckpt_dir: str | Path,
+    rank: int,
+    dp: int = 1,
+    tp_rank: int = 0,
+    ep: int = 1,
+    ep_rank: int = 0,
+) -> Loaded | None:
     """Load the newest complete save into `engine` (collective); None when there is none.
-    A save from another data-parallel size (ZeRO 1/2, same tp) is resharded (module docstring)."""
+    A save from another data-parallel size (ZeRO 1/2, same tp and ep) is resharded (module
+    docstring)."""
     tag = read_pointer(ckpt_dir)
     if tag is None:
         return None
     ckpt_dir = Path(ckpt_dir)
     saved_dp, saved_tp = saved_sizes(ckpt_dir / tag)
+    layout_file = ckpt_dir / tag / LAYOUT
+    saved_ep = json.loads(layout_file.read_text())["ep"] if layout_file.is_file() else None
+    if saved_ep is not None and saved_ep != ep:
+        raise DataError(
+            f"checkpoint {ckpt_dir / tag} was saved with expert_parallel={saved_ep}; resume "
+            f"with the same expert_parallel (now {ep})"
+        )
     tp = engine.mp_world_size if hasattr(engine, "mp_world_size") else 1
     if saved_tp and saved_tp != tp:
         raise DataError(
@@ -230,12 +272,12 @@ def load(engine, ckpt_dir: str | Path, rank: int, dp: int = 1, tp_rank: int = 0)
                 f"resharding to {dp} works for ZeRO 1/2 only (this run: stage "
                 f"{engine.zero_optimization_stage()}); resume on {saved_dp} data-parallel ranks"
             )
-        if expert_parallel:
+        if saved_dp % ep:
             raise DataError(
-                f"checkpoint {ckpt_dir / tag} was saved with {saved_dp} data-parallel ranks; an "
-                f"expert-parallel run resumes only on the same number (now {dp})"
+                f"checkpoint {ckpt_dir / tag} was saved with {saved_dp} data-parallel ranks, "
+                f"which expert_parallel={ep} does not divide"
             )
-        client = _load_resharded(engine, ckpt_dir, tag, tp_rank)
+        client = _load_resharded(engine, ckpt_dir, tag, tp_rank, ep_rank, ep)
     else:
         _, client = engine.load_checkpoint(
             str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

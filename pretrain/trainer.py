@@ -206,13 +206,16 @@ class Trainer:
             self.mesh.rank,
             self.cfg.checkpoint.keep_last,
             (self.mesh.ep_rank, self.mesh.expert_dp_rank) if self.mesh.ep > 1 else None,
+            {"dp": self.mesh.dp, "tp": self.mesh.tp, "ep": self.mesh.ep},
         )
 
     def resume(self) -> str | None:
         if self.cfg.checkpoint.resume == "never":
             return None
         m = self.mesh
-        loaded = checkpoint.load(self.engine, self.cfg.checkpoint_dir, m.rank, m.dp, m.tp_rank)
+        loaded = checkpoint.load(
+            self.engine, self.cfg.checkpoint_dir, m.rank, m.dp, m.tp_rank, m.ep, m.ep_rank
+        )
         if loaded is None:
             return None
         cs = loaded.client_state["mop"]

@@ -18,8 +18,9 @@ TINY = REPO / "configs/train/tiny_cpu.yaml"
 RTOL = 1e-5
 
 
-def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300):
-    """`python -m pretrain` (via the test wrapper) in one process or under torchrun."""
+def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300, check: bool = True):
+    """`python -m pretrain` (via the test wrapper) in one process or under torchrun; with
+    check, a failed run fails the test with the ranks' errors."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -34,7 +35,7 @@ def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300):
     res = subprocess.run(
         [*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
-    if res.returncode != 0:
+    if check and res.returncode != 0:
         # torchrun's summary buries the ranks' own errors: show those first.
         errors = [ln for ln in res.stderr.splitlines() if "Error" in ln or "error:" in ln][:20]
         joined = "\n".join(errors)

@@ -200,6 +200,38 @@ def test_ep2_moe_matches_serial(data_dir, tmp_path_factory, tmp_path):
         torch.testing.assert_close(w, serial_states[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ep_checkpoint_resumes_on_another_dp_size(stage, data_dir, tmp_path):
+    """EP=2 on 4 ranks (two replicas of each expert shard: ZeRO partitions every shard over
+    its expert-data-parallel pair), then its step-10 save resumed on 2 ranks (one replica):
+    the expert groups' optimizer state is regathered per shard, the dense one over all ranks.
+    Both runs reproduce the serial per-step losses and (clipped) grad norms."""
+    one_seq = {**MODEL, "batch.micro_batch": 1, "optim.grad_clip": 0.3, "zero_stage": stage}
+    ref_run, dp4, dp2 = tmp_path / "serial", tmp_path / "dp4", tmp_path / "dp2"
+    run_pretrain(train_overrides(data_dir, ref_run, **one_seq, **{"batch.grad_accum": 4}), 1)
+    ep = {**one_seq, "parallel.expert_parallel": 2}
+    run_pretrain(train_overrides(data_dir, dp4, **ep, **{"batch.grad_accum": 1}), 4)
+    ref = metrics(ref_run)
+    assert_same_run(ref, metrics(dp4), range(1, 21))
+
+    shutil.copytree(dp4 / "checkpoints" / tag_of(10), dp2 / "checkpoints" / tag_of(10))
+    (dp2 / "checkpoints" / POINTER).write_text(tag_of(10) + "\n")
+    res = run_pretrain(train_overrides(data_dir, dp2, **ep, **{"batch.grad_accum": 2}), 2)
+    assert f"resumed from {tag_of(10)}" in res.stdout and "dp 2" in res.stdout
+    got = metrics(dp2)
+    assert sorted(s for s in got if "loss" in got[s]) == list(range(11, 21))
+    assert_same_run(ref, got, range(11, 21))
+
+    # Another expert_parallel cannot load the shards: refused in one line (DataError).
+    res = run_pretrain(
+        train_overrides(data_dir, dp2, **one_seq, **{"batch.grad_accum": 2}), 2, check=False
+    )
+    assert res.returncode != 0
+    assert "saved with expert_parallel=2; resume with the same expert_parallel (now 1)" in (
+        res.stderr
+    )
+
+
 def test_resume_dp1_checkpoint_on_dp2(serial_dense, data_dir, tmp_path):
     # The serial run's step-10 save, as if the job had stopped there.
     ckpt = tmp_path / "checkpoints"
