@@ -263,25 +263,36 @@ def load_for_eval(
     return loaded
 
 
-def _load_deepspeed(ref: CheckpointRef, data_dir: str | os.PathLike | None) -> LoadedModel:
-    states, zero3 = _read_states(ref.path)
-    cfg = _train_config(states, ref.run_dir, ref.path)
-    model = build_model(cfg.model)
-    if zero3:
-        state = _zero3_state_dict(ref.path, int(states.get("dp_world_size", 1)))
-    elif (ref.path / "mp_rank_01_model_states.pt").is_file():
+def deepspeed_state_dict(
+    step_dir: Path, states: dict[str, Any], cfg: TrainConfig, model: Transformer
+) -> dict[str, torch.Tensor]:
+    """The full single-process state dict of one save of any layout: ZeRO-3 partitions
+    gathered, tensor-parallel shards merged, expert-parallel shards concatenated. `states` is
+    the save's model-states file (`_read_states`), `model` a plain model of its config."""
+    if not (step_dir / MODEL_STATES).is_file():
+        state = _zero3_state_dict(step_dir, int(states.get("dp_world_size", 1)))
+    elif (step_dir / "mp_rank_01_model_states.pt").is_file():
         from pretrain.parallel.tensor import load_consolidated
 
-        state = load_consolidated(ref.path, model)  # merge the tensor-parallel shards
+        state = load_consolidated(step_dir, model)  # merge the tensor-parallel shards
     else:
         state = states.get("module")
         if not state:
-            raise DataError(f"{ref.path / MODEL_STATES} has no model weights ('module')")
+            raise DataError(f"{step_dir / MODEL_STATES} has no model weights ('module')")
     if cfg.parallel.expert_parallel > 1:
         from pretrain.parallel.expert import merge_expert_shards
 
-        # DeepSpeed's module file holds rank 0's experts only; every rank saved its own shard
-        state = {**_strip(state), **merge_expert_shards(ref.path)}
+        # DeepSpeed's module files hold rank 0's experts only (concatenated over tp by the
+        # merge above, as if sharded): every expert tensor is replaced by the shard files'.
+        state = {**_strip(state), **merge_expert_shards(step_dir)}
+    return state
+
+
+def _load_deepspeed(ref: CheckpointRef, data_dir: str | os.PathLike | None) -> LoadedModel:
+    states, _ = _read_states(ref.path)
+    cfg = _train_config(states, ref.run_dir, ref.path)
+    model = build_model(cfg.model)
+    state = deepspeed_state_dict(ref.path, states, cfg, model)
     _load_weights(model, state, ref.path)
     recorded = (states.get("mop") or {}).get("tokenizer_sha256") or cfg.data.tokenizer_sha256
     ddir = resolve_data_dir(data_dir or cfg.data.data_dir)

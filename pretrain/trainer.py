@@ -205,7 +205,10 @@ class Trainer:
             self.client_state(),
             self.mesh.rank,
             self.cfg.checkpoint.keep_last,
-            (self.mesh.ep_rank, self.mesh.expert_dp_rank) if self.mesh.ep > 1 else None,
+            # Expert weights are replicated over tp: tp rank 0 writes the shard file.
+            (self.mesh.ep_rank, self.mesh.expert_dp_rank)
+            if self.mesh.ep > 1 and self.mesh.tp_rank == 0
+            else None,
             {"dp": self.mesh.dp, "tp": self.mesh.tp, "ep": self.mesh.ep},
         )
 

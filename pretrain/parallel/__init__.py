@@ -1,6 +1,6 @@
 """Parallelism applied to a plain single-device model, in one ordered function.
 
-Order (torchtitan `parallelize.py`): tensor/sequence parallel -> expert parallel ->
+Order: expert parallel -> tensor/sequence parallel (it wraps the expert-parallel layer) ->
 activation checkpointing -> compile -> the DeepSpeed engine (built by the entry point, last,
 with `build_mpu(mesh)` so ZeRO works over the data-parallel group only).
 """
@@ -27,12 +27,15 @@ __all__ = [
 
 def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
     """Apply tp/sp, ep and activation checkpointing in place; the mesh must have its groups."""
-    if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh)
     if mesh.ep > 1:
         from pretrain.parallel.expert import apply_expert_parallel
 
+        # Before tp: tensor parallel wraps each MoE layer's forward on the instance (its
+        # sequence slice, the aux losses over the whole sequence) and hooks the gradients of
+        # the replicated weights, so it must wrap the expert-parallel layer and its shards.
         apply_expert_parallel(model, mesh)
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     return model

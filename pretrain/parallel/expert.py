@@ -33,7 +33,7 @@ param group marked `moe=True` (it reduces them over `expert_data_parallel_group[
 scaled by the full dp size).
 
 What the trainer must do (DeepSpeed path), in this order:
-  1. `model = apply_expert_parallel(model, mesh)` after tensor parallel, before activation
+  1. `model = apply_expert_parallel(model, mesh)` before tensor parallel and activation
      checkpointing (`pretrain.parallel.parallelize` order) -- needs mesh.ep, mesh.ep_rank,
      mesh.ep_group, mesh.expert_dp_group.
   2. `groups = prepare_expert_parallel_for_deepspeed(model, mesh, param_groups(model))`

@@ -114,9 +114,6 @@ def build_mesh(cfg: TrainConfig, world_size: int, rank: int) -> Mesh:
         raise ConfigError(
             f"expert_parallel={ep} must divide moe.num_experts={cfg.model.moe.num_experts}"
         )
-    if tp > 1 and ep > 1:
-        # Both wrap the MoE layer's forward; the combination has no equivalence test yet.
-        raise ConfigError("tensor_parallel>1 together with expert_parallel>1 is not supported yet")
     check_tensor_parallel_widths(cfg, tp)
     derived_sizes(cfg, world_size)  # global batch = micro x accum x dp
     return Mesh(world_size=world_size, rank=rank, dp=dp, tp=tp, ep=ep)
