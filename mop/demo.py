@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             "150",
             "--out",
             str(runs / "memorization"),
+            "--name",
+            "memorization_tiny_dense",  # not the LM run's name: the report lists both
         ]
     )
     _run(["-m", "eval.report", str(runs), "--out", str(out / "report")])
