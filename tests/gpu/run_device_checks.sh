@@ -16,5 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tm
 PY=python3 bash docker/build_gpu_deps.sh .whl 2>&1 | tee "$OUT/build_gpu_deps.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
-python3 -m pytest -x -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests_gpu.log"
+# One device call is precious: a failing test must not cost the benchmark's numbers.
+python3 -m pytest -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests_gpu.log" \
+  || echo "tests/gpu FAILED (see tests_gpu.log); running the benchmark anyway"
 python3 bench/moe_backends.py 2>&1 | tee "$OUT/bench_moe_backends.log"
