@@ -8,6 +8,11 @@ ppl + knowledge + commonsense + math (synthetic tasks only make sense for models
 them, so they are asked for by name). Under torchrun every rank evaluates its share and rank 0
 writes the file.
 
+Benchmark suites run one task at a time and each finished task is written at once, so a job
+killed midway (preemption, time limit) loses at most the task in flight: rerunning the same
+command skips every task already in results.json with the same settings (limit, shots, dtype,
+generation length); `--redo` evaluates them again.
+
 `--data-dir` replaces the training data directory recorded in the checkpoint (tokenizer,
 validation sequences, synthetic test set); `--benchmark-dir` holds local benchmark files for
 the lm-eval tasks (eval/tasks), else the harness reads its (offline) dataset cache.
@@ -42,7 +47,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-fewshot", type=int, help="override every task's shot count")
     p.add_argument("--max-gen-toks", type=int, default=256)
     p.add_argument("--name", help="model name in results.json (default: the run directory's)")
+    p.add_argument("--redo", action="store_true", help="re-evaluate tasks already in results.json")
     return p.parse_args(argv)
+
+
+def task_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a benchmark score depends on besides the checkpoint; stored with each task."""
+    return {
+        "limit": args.limit,
+        "num_fewshot": args.num_fewshot,
+        "dtype": args.dtype,
+        "max_gen_toks": args.max_gen_toks,
+    }
+
+
+def finished_tasks(checkpoint_dir, settings: dict[str, Any]) -> set[str]:
+    """Tasks of results.json evaluated with exactly these settings."""
+    from eval.results import results_path
+    from mop.fileio import read_json
+
+    path = results_path(checkpoint_dir)
+    if not path.is_file():
+        return set()
+    tasks = read_json(path).get("tasks", {})
+    return {name for name, entry in tasks.items() if entry.get("settings") == settings}
+
+
+def _same_on_every_rank(value: Any) -> Any:
+    """Rank 0's value everywhere: every rank must run the same harness calls."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def parse_suites(text: str) -> list[str]:
@@ -80,7 +119,7 @@ def init_distributed(device: str | None) -> tuple[int, int, str]:
 
 
 def run_suite_section(name: str, lm, args, loaded) -> tuple[str, dict[str, Any]]:
-    """(results.json section, its data) for one suite."""
+    """(results.json section, its data) for `ppl`, `synthetic`, or one benchmark task."""
     if name in ("ppl", "synthetic") and loaded.ref.kind == "hf" and args.data_dir is None:
         raise ConfigError(f"--suite {name} of an HF export needs --data-dir (its data directory)")
     if name == "ppl":
@@ -107,7 +146,10 @@ def run_suite_section(name: str, lm, args, loaded) -> tuple[str, dict[str, Any]]
         from eval.tasks import run_suite
     except ImportError as exc:
         raise ConfigError(f"the benchmark suites are not available: {exc}") from None
-    return "tasks", run_suite(lm, name, args.benchmark_dir, args.limit, args.num_fewshot)
+    data = run_suite(lm, name, args.benchmark_dir, args.limit, args.num_fewshot)
+    return "tasks", {
+        task: {**entry, "settings": task_settings(args)} for task, entry in data.items()
+    }
 
 
 def format_table(doc: dict[str, Any], sections: list[str]) -> str:
@@ -131,6 +173,19 @@ def format_table(doc: dict[str, Any], sections: list[str]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _units(suites: list[str]) -> list[tuple[str, str]]:
+    """(what one call evaluates, its suite): ppl / synthetic whole, benchmarks task by task."""
+    units: list[tuple[str, str]] = []
+    for suite in suites:
+        if suite in BENCHMARKS:
+            from eval.tasks import task_names
+
+            units += [(task, suite) for task in task_names(suite)]
+        else:
+            units.append((suite, suite))
+    return units
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -141,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from eval.checkpoint import load_for_eval
     from eval.lm_adapter import MopLM
-    from eval.results import results_path, update_results
+    from eval.results import load_results, results_path, update_results
 
     loaded = load_for_eval(args.checkpoint, data_dir=args.data_dir, device=device)
     lm = MopLM(
@@ -157,25 +212,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[eval] {header['checkpoint']} (step {header['step']}) on {device}", flush=True)
     doc: dict[str, Any] = {}
     done: list[str] = []
-    for name in suites:
+    skip = set() if args.redo else finished_tasks(loaded.ref.path, task_settings(args))
+    skip = _same_on_every_rank(skip if rank == 0 else None)
+    for unit, suite in _units(suites):
         t0 = time.perf_counter()
-        if name == "synthetic" and rank != 0:
+        if unit in skip:
+            if rank == 0:
+                print(f"[eval] {unit}: already in results.json (same settings), skipped")
+                done.append("tasks")
+            continue
+        if unit == "synthetic" and rank != 0:
             continue  # single-process evaluation; the other ranks have nothing to do
-        section, data = run_suite_section(name, lm, args, loaded)
+        section, data = run_suite_section(unit, lm, args, loaded)
         if rank != 0:
             continue
         meta = {
-            "suite": name,
+            "suite": suite,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": str(device),
             "world_size": world,
             "limit": args.limit,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if section == "tasks":  # when and where each task ran, beside its score
+            data = {task: {**entry, "meta": meta} for task, entry in data.items()}
         doc = update_results(loaded.ref.path, header, section, data, meta)
         done.append(section)
+        if section == "tasks":
+            for task, entry in data.items():
+                print(f"[eval] {task}: {entry['primary']} {entry['score']:.4f} (n={entry['n']})")
     if rank == 0:
-        print(format_table(doc, done))
+        if not doc and results_path(loaded.ref.path).is_file():
+            doc = load_results(loaded.ref.path)  # everything was skipped: show the file
+        print(format_table(doc, list(dict.fromkeys(done))))
         print(f"[eval] wrote {results_path(loaded.ref.path)}", flush=True)
     return 0
 

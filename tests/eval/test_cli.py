@@ -34,18 +34,17 @@ def test_ppl_suite_writes_results_beside_the_checkpoint(run_copy, capsys):
     assert "ppl/perplexity" in out and "results.json" in out
 
 
-def test_benchmark_and_synthetic_suites_merge_into_one_file(run_copy, monkeypatch, capsys):
-    import eval.synthetic
-    import eval.tasks
+def _fake_task(calls: list, fail_on: str | None = None):
+    """Stands in for eval.tasks.run_suite: one task per call, as eval/__main__ runs them."""
+    from eval.tasks import TASKS
 
-    calls = []
-
-    def fake_suite(lm, suite, data_dir, limit, num_fewshot=None):
-        calls.append((suite, data_dir, limit, num_fewshot, lm.max_length))
-        category = {"knowledge": "knowledge", "commonsense": "commonsense", "math": "math"}[suite]
+    def fake(lm, task, data_dir, limit, num_fewshot=None):
+        calls.append((task, data_dir, limit, num_fewshot, lm.max_length))
+        if task == fail_on:
+            raise KeyboardInterrupt("killed")  # the job dies in the middle of this task
         return {
-            f"{suite}_task": {
-                "category": category,
+            task: {
+                "category": TASKS[task].category,
                 "primary": "acc",
                 "score": 0.25,
                 "metrics": {"acc": 0.25},
@@ -54,27 +53,62 @@ def test_benchmark_and_synthetic_suites_merge_into_one_file(run_copy, monkeypatc
             }
         }
 
+    return fake
+
+
+def test_benchmark_and_synthetic_suites_merge_into_one_file(run_copy, monkeypatch, capsys):
+    import eval.synthetic
+    import eval.tasks
+
+    calls = []
+
     def fake_synthetic(model, tokenizer, data_dir, limit, device, batch_size=64):
         calls.append(("synthetic", str(data_dir), limit, tokenizer.eos_id))
         return {"phonebook": {"book_size": 10, "accuracy": 0.5, "n": limit}}
 
-    monkeypatch.setattr(eval.tasks, "run_suite", fake_suite)
+    monkeypatch.setattr(eval.tasks, "run_suite", _fake_task(calls))
     monkeypatch.setattr(eval.synthetic, "run_synthetic", fake_synthetic)
     step = run_copy / "checkpoints" / "step_00000002"
     args = ["--checkpoint", str(step), "--limit", "3", "--benchmark-dir", "/bench"]
     assert main([*args, "--suite", "all"]) == 0
     assert main([*args, "--suite", "synthetic", "--num-fewshot", "2"]) == 0
-    assert [c[0] for c in calls] == ["knowledge", "commonsense", "math", "synthetic"]
+    every_task = list(eval.tasks.TASKS)  # knowledge, commonsense, math: the suites' order
+    assert [c[0] for c in calls] == [*every_task, "synthetic"]
     assert calls[0][1:] == ("/bench", 3, None, 48)
     doc = load_results(step)
-    assert doc["step"] == 2 and set(doc["tasks"]) == {
-        "knowledge_task",
-        "commonsense_task",
-        "math_task",
-    }
+    assert doc["step"] == 2 and set(doc["tasks"]) == set(every_task)
     assert doc["categories"] == {"knowledge": 0.25, "commonsense": 0.25, "math": 0.25}
+    assert doc["tasks"]["gsm8k"]["settings"]["limit"] == 3
+    assert doc["tasks"]["gsm8k"]["meta"]["suite"] == "math"
     assert doc["synthetic"]["phonebook"]["accuracy"] == 0.5 and "ppl" in doc
     assert "category/math" in capsys.readouterr().out
+
+
+def test_a_killed_benchmark_run_resumes_with_the_tasks_left(run_copy, monkeypatch, capsys):
+    import eval.tasks
+
+    step = run_copy / "checkpoints" / "step_00000004"
+    args = ["--checkpoint", str(step), "--suite", "knowledge", "--limit", "2"]
+    knowledge = list(eval.tasks.SUITES["knowledge"])
+    calls: list = []
+    monkeypatch.setattr(eval.tasks, "run_suite", _fake_task(calls, fail_on=knowledge[2]))
+    assert main(args) != 0  # cli_entry turns the interrupt into one line and an exit code
+    assert set(load_results(step)["tasks"]) == set(knowledge[:2])  # written as they finished
+
+    calls.clear()
+    monkeypatch.setattr(eval.tasks, "run_suite", _fake_task(calls))
+    assert main(args) == 0
+    assert [c[0] for c in calls] == knowledge[2:]
+    assert "already in results.json" in capsys.readouterr().out
+    assert set(load_results(step)["tasks"]) == set(knowledge)
+
+    calls.clear()  # other settings are other results: everything runs again
+    assert main([*args[:-1], "3"]) == 0 and [c[0] for c in calls] == knowledge
+    calls.clear()
+    assert main([*args[:-1], "3", "--redo"]) == 0 and [c[0] for c in calls] == knowledge
+    calls.clear()
+    assert main([*args[:-1], "3"]) == 0 and calls == []
+    assert "knowledge/" in capsys.readouterr().out  # the table of what the file holds
 
 
 def test_parse_suites():
