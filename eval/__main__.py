@@ -1,5 +1,5 @@
 """`python -m eval --checkpoint RUN_DIR[/checkpoints/step_X] --suite ppl|knowledge|commonsense|
-math|synthetic|all [--limit N] [--data-dir DIR] [--benchmark-dir DIR] [--batch-size B]
+math|synthetic|all|<task> [--limit N] [--data-dir DIR] [--benchmark-dir DIR] [--batch-size B]
 [--device D]`
 
 Writes (merges into) `results.json` beside the evaluated checkpoint (schema: eval/results.py)
@@ -37,7 +37,11 @@ BENCHMARKS = ("knowledge", "commonsense", "math")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step dir or HF")
-    p.add_argument("--suite", required=True, help=f"{'|'.join(SUITES)}|all, or a comma list")
+    p.add_argument(
+        "--suite",
+        required=True,
+        help=f"{'|'.join(SUITES)}|all or a benchmark task (eval/tasks), or a comma list",
+    )
     p.add_argument("--limit", type=int, help="at most N sequences / documents per task")
     p.add_argument("--data-dir", help="training data directory (default: the checkpoint's)")
     p.add_argument("--benchmark-dir", help="local benchmark files for the lm-eval tasks")
@@ -85,14 +89,20 @@ def _same_on_every_rank(value: Any) -> Any:
 
 
 def parse_suites(text: str) -> list[str]:
+    """Suites and single benchmark tasks (e.g. `ppl,gsm8k`), in order, without repeats."""
+    from eval.tasks import TASKS
+
     out: list[str] = []
     for name in (s.strip() for s in text.split(",") if s.strip()):
         if name == "all":
             out += [s for s in ALL if s not in out]
-        elif name in SUITES:
+        elif name in SUITES or name in TASKS:
             out += [name] if name not in out else []
         else:
-            raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}, all")
+            raise ConfigError(
+                f"unknown suite {name!r}; choose from {', '.join(SUITES)}, all, or a task: "
+                f"{', '.join(TASKS)}"
+            )
     if not out:
         raise ConfigError("--suite is empty")
     return out
@@ -175,15 +185,17 @@ def format_table(doc: dict[str, Any], sections: list[str]) -> str:
 
 def _units(suites: list[str]) -> list[tuple[str, str]]:
     """(what one call evaluates, its suite): ppl / synthetic whole, benchmarks task by task."""
+    from eval.tasks import TASKS, task_names
+
     units: list[tuple[str, str]] = []
     for suite in suites:
         if suite in BENCHMARKS:
-            from eval.tasks import task_names
-
             units += [(task, suite) for task in task_names(suite)]
+        elif suite in TASKS:
+            units.append((suite, TASKS[suite].category))
         else:
             units.append((suite, suite))
-    return units
+    return list(dict.fromkeys(units))  # a task asked for alone and in its suite runs once
 
 
 @cli_entry

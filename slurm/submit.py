@@ -2,9 +2,14 @@
 
     python -m slurm.submit data CONFIG --tasks 64 [key=value ...] [--dry-run]
         tokenizer job -> tokenize array (afterok) -> merge (afterok)
-    python -m slurm.submit sweep TRAIN_CONFIG --models configs/model/moe_d512_e*.yaml [--dry-run]
+    python -m slurm.submit sweep TRAIN_CONFIG --models configs/model/moe_d512_e*.yaml
+            [--eval all] [--dry-run]
         one training job per model config (slurm/train.sbatch), each requeueing itself;
-        run_dir=runs/<model name>; every job's config is validated before anything is submitted
+        run_dir=runs/<model name>; every job's config is validated before anything is
+        submitted; with --eval, an evaluation job per run once its training has finished
+    python -m slurm.submit eval runs/moe_d512_e8 runs/dense_d512 [--suite all]
+            [--eval-arg=--limit=500] [--after JOB]
+        one evaluation job per run or checkpoint (slurm/eval.sbatch)
 
 Job ids come from `sbatch --parsable`. `--dry-run` prints the sbatch commands with
 placeholder ids instead of submitting. Extra `--sbatch` arguments (account, partition,
@@ -98,11 +103,46 @@ def submit_sweep(
     return jobs
 
 
-def _check_train_config(config: str, overrides: list[str]) -> None:
+def submit_eval(
+    sub: Submitter,
+    checkpoints: list[str],
+    suite: str,
+    eval_args: list[str],
+    after: list[str] | None = None,
+) -> list[str]:
+    """One slurm/eval.sbatch job per run directory or checkpoint."""
+    if not checkpoints:
+        raise UserError("eval needs at least one run directory or checkpoint")
+    from eval.__main__ import parse_suites
+
+    parse_suites(suite)  # an unknown suite fails here, not in the queue
+    Path("logs").mkdir(exist_ok=True)
+    jobs = []
+    for ckpt in checkpoints:
+        name = Path(ckpt).name
+        jobs.append(
+            sub.sbatch(
+                "eval.sbatch",
+                [ckpt, "--suite", suite, *eval_args],
+                options=[f"--job-name=eval-{name}"],
+                after=after or None,
+            )
+        )
+    return jobs
+
+
+def _check_train_config(config: str, overrides: list[str]):
     from mop.config import load_config
     from pretrain.config import TrainConfig
 
-    load_config(TrainConfig, config, overrides)
+    return load_config(TrainConfig, config, overrides)
+
+
+def _run_dir(config: str, model: str, overrides: list[str]) -> str:
+    """The run directory of a sweep job (the user's run_dir= override wins, as in training)."""
+    name = Path(model).stem
+    job_overrides = [f"model={model}", f"run_dir=runs/{name}", *overrides]
+    return _check_train_config(config, job_overrides).run_dir
 
 
 @cli_entry
@@ -129,13 +169,39 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("config", help="training recipe YAML")
     s.add_argument("--models", nargs="+", required=True)
     s.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
+    s.add_argument(
+        "--eval",
+        metavar="SUITE",
+        help="then evaluate each run (slurm/eval.sbatch, afterok on its training job)",
+    )
     s.add_argument("overrides", nargs="*", metavar="key=value")
+    e = sp.add_parser("eval", help="one evaluation job per run directory or checkpoint")
+    e.add_argument("checkpoints", nargs="+", metavar="RUN_DIR")
+    e.add_argument("--suite", default="all", help="python -m eval --suite (default: all)")
+    e.add_argument(
+        "--eval-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra python -m eval argument, e.g. --eval-arg=--limit=500",
+    )
+    e.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
     args = parse_args_with_overrides(ap, argv)
     sub = Submitter(args.dry_run, args.sbatch)
     if args.cmd == "data":
         submit_data(sub, args.config, args.tasks, args.overrides)
+    elif args.cmd == "eval":
+        submit_eval(sub, args.checkpoints, args.suite, args.eval_arg, args.after)
     else:
-        submit_sweep(sub, args.config, args.models, args.overrides, args.after)
+        if args.eval:
+            from eval.__main__ import parse_suites
+
+            parse_suites(args.eval)  # before any training job is submitted
+        jobs = submit_sweep(sub, args.config, args.models, args.overrides, args.after)
+        if args.eval:
+            for model, job in zip(args.models, jobs):
+                run_dir = _run_dir(args.config, model, args.overrides)
+                submit_eval(sub, [run_dir], args.eval, [], after=[job])
     return 0
 
 

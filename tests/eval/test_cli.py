@@ -114,6 +114,7 @@ def test_a_killed_benchmark_run_resumes_with_the_tasks_left(run_copy, monkeypatc
 def test_parse_suites():
     assert parse_suites("all") == ["ppl", "knowledge", "commonsense", "math"]
     assert parse_suites("ppl, synthetic,ppl") == ["ppl", "synthetic"]
+    assert parse_suites("gsm8k,ppl,math") == ["gsm8k", "ppl", "math"]  # single tasks too
     with pytest.raises(ConfigError, match="unknown suite"):
         parse_suites("ppl,trivia")
 

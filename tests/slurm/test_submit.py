@@ -131,3 +131,51 @@ def test_sweep_validates_and_submits_one_job_per_model(tmp_path):
     )
     assert bad.returncode == 2 and "optim.lr" in bad.stderr
     assert not (tmp_path / "calls").exists()
+
+
+def test_sweep_with_eval_chains_one_eval_job_per_run(tmp_path):
+    env = _fake_env(tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.submit",
+        "sweep",
+        str(REPO / "configs/train/tiny_cpu.yaml"),
+        "--models",
+        str(REPO / "configs/model/tiny_dense.yaml"),
+        str(REPO / "configs/model/tiny_moe.yaml"),
+        "--eval",
+        "knowledge,ppl",
+        "max_steps=10",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 4 and all("train.sbatch" in c for c in calls[:2])
+    # fake job ids 101, 102 are the training jobs; each eval waits for its own
+    assert "--dependency=afterok:101" in calls[2] and "eval.sbatch runs/tiny_dense" in calls[2]
+    assert "--dependency=afterok:102" in calls[3] and "eval.sbatch runs/tiny_moe" in calls[3]
+    assert calls[3].endswith("--suite knowledge,ppl")
+    # a bad suite is refused before any training job is queued
+    (tmp_path / "calls").unlink()
+    bad = subprocess.run(
+        [*cmd[:-3], "--eval", "bogus", "max_steps=10"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown suite 'bogus'" in bad.stderr
+    assert not (tmp_path / "calls").exists()
+
+
+def test_eval_jobs_pass_their_arguments(tmp_path):
+    env = _fake_env(tmp_path)
+    cmd = [sys.executable, "-m", "slurm.submit", "--sbatch=--qos=low", "eval", "runs/a"]
+    cmd += ["runs/b/checkpoints/step_00000100", "--suite", "math", "--eval-arg=--limit=50"]
+    proc = subprocess.run([*cmd, "--after", "9"], cwd=tmp_path, env=env, text=True)
+    assert proc.returncode == 0
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and all("--qos=low" in c and "afterok:9" in c for c in calls)
+    assert calls[0].endswith("eval.sbatch runs/a --suite math --limit=50")
+    assert "--job-name=eval-step_00000100" in calls[1]
