@@ -56,3 +56,44 @@ def test_eval_job_scores_a_run_and_a_resubmission_skips_what_is_done(tmp_path):
     assert set(results["tasks"]) == {"triviaqa", "nq_open"} and results["ppl"]["loss"] > 0
     assert "[eval] triviaqa: f1 " in first and "already in results.json" not in first
     assert second.count("already in results.json") == 2 and "[eval] triviaqa: f1 " not in second
+
+
+REQUEUES_ONCE = """#!/usr/bin/env bash
+#SBATCH --requeue
+#SBATCH --open-mode=append
+echo "run ${SLURM_RESTART_COUNT:-0}"
+if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi
+echo finished
+"""
+
+
+def test_afterok_waits_through_a_requeue(tmp_path):
+    """`sweep --eval` relies on this: train.sbatch requeues itself (`scontrol requeue`, then
+    exit 0), and the afterok evaluation must wait for the resumed run, not start after the
+    first, interrupted one."""
+    assert _slurm_up(), "MOP_REQUIRE_SLURM=1 but no SLURM cluster answers"
+    script, marker = tmp_path / "train_like.sh", tmp_path / "dependent.out"
+    script.write_text(REQUEUES_ONCE)
+    common = ["sbatch", "--parsable", "--cpus-per-task=1", "--time=5"]
+    train = subprocess.run(
+        [*common, f"--output={tmp_path}/train.out", str(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dependent = subprocess.run(
+        [*common, f"--dependency=afterok:{train}", f"--output={marker}", "--wrap", "echo ran"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        _wait(lambda: _job_state(train) == ("PENDING", "BeginTime"), 60, "the requeue")
+        assert _job_state(dependent) == ("PENDING", "Dependency")
+        # a requeued job is held ~2 minutes; release it now
+        subprocess.run(["scontrol", "update", f"jobid={train}", "StartTime=now+1"], check=True)
+        _wait(lambda: _job_state(dependent)[0] == "GONE" or None, 120, "the dependent job")
+    finally:
+        subprocess.run(["scancel", train, dependent], capture_output=True)
+    log = (tmp_path / "train.out").read_text()
+    assert "run 1" in log and "finished" in log and marker.read_text().strip() == "ran"
