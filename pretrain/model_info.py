@@ -74,7 +74,9 @@ def format_table(rows: list[dict]) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.model_info", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("configs", nargs="+", help="model YAML files")
     parser.add_argument(
         "--set", action="append", default=[], help="override, e.g. vocab_size=50304"

@@ -274,7 +274,8 @@ def _as_overrides(cfg: ModelConfig) -> list[str]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Export a model to a Mistral/Mixtral directory loadable by transformers."
+        prog="python -m pretrain.model.hf_export",
+        description="Export a model to a Mistral/Mixtral directory loadable by transformers.",
     )
     parser.add_argument("--config", required=True, help="model YAML (configs/model/*.yaml)")
     parser.add_argument(
