@@ -140,11 +140,30 @@ def load_config(
     if overrides:
         # Expand defaults first so an override can index into a default list or
         # sub-config that the YAML file does not mention.
-        try:
-            data = cls.model_validate(data).model_dump(mode="json")
-        except ValidationError:
-            pass  # e.g. a required field that an override supplies; validated below
-    return validate(cls, apply_overrides(data, overrides))
+        data = _expanded(cls, data)
+        for item in overrides:
+            try:
+                data = apply_overrides(data, [item])
+            except ConfigError:
+                # An earlier override may have set a sub-config to a file path
+                # (`model=configs/model/x.yaml model.vocab_size=64`): load it and retry; a
+                # second failure is the user's error and is raised as it is.
+                head = item.split("=", 1)[0].split(".")[0]
+                load_sub = getattr(cls, "load_subconfig", None)
+                if load_sub is not None and isinstance(data.get(head), str):
+                    data = {**data, head: load_sub(head, data[head])}
+                else:
+                    data = _expanded(cls, data)
+                data = apply_overrides(data, [item])
+    return validate(cls, data)
+
+
+def _expanded(cls: type[T], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with defaults filled in and path-valued sub-configs loaded, when it validates."""
+    try:
+        return cls.model_validate(data).model_dump(mode="json")
+    except ValidationError:
+        return data  # e.g. a required field that an override supplies; validated later
 
 
 def to_yaml(cfg: BaseModel) -> str:

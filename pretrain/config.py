@@ -128,8 +128,15 @@ class TrainConfig(StrictModel):
     @classmethod
     def _model_from_path(cls, v):
         if isinstance(v, str):
-            return load_config(ModelConfig, resolve_path(v)).model_dump(mode="json")
+            return cls.load_subconfig("model", v)
         return v
+
+    @classmethod
+    def load_subconfig(cls, key: str, path: str) -> dict:
+        """A sub-config given as a YAML file path (only `model`), as a dict (mop.config)."""
+        if key != "model":
+            raise ConfigError(f"{key}={path}: only model= takes a file")
+        return load_config(ModelConfig, resolve_path(path)).model_dump(mode="json")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

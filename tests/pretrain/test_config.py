@@ -120,3 +120,20 @@ def test_zero3_with_moe_is_refused_in_one_line():
         load_config(TrainConfig, TINY, ["zero_stage=3"])
     msg = str(err.value)
     assert msg.startswith("config: zero_stage=3 with model.ffn=moe") and "\n" not in msg
+
+
+def test_model_file_override_then_its_fields():
+    """`model=<file>` on the command line, then overrides into that model (what a sweep
+    passes: model=... and the user's model.vocab_size=... for a synthetic tokenizer)."""
+    cfg = load_config(
+        TrainConfig,
+        PAPER,
+        [
+            "model=configs/model/synth12_moe_d256_e8.yaml",
+            "model.vocab_size=64",
+            "model.moe.top_k=1",
+        ],
+    )
+    assert (cfg.model.n_layers, cfg.model.vocab_size, cfg.model.moe.top_k) == (12, 64, 1)
+    with pytest.raises(ConfigError, match="unknown config field 'model.bogus'"):
+        load_config(TrainConfig, PAPER, ["model=configs/model/tiny_dense.yaml", "model.bogus=1"])
