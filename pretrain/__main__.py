@@ -73,7 +73,16 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         # so the fill only costs time (seconds per step on CPU).
         torch.utils.deterministic.fill_uninitialized_memory = False
     data = TrainData(cfg.data.data_dir, manifest, cfg.data)
-    val = ValidationSet(cfg.data.data_dir, manifest) if cfg.eval.interval else None
+    val = None
+    if cfg.eval.interval and (manifest.get("validation") or {}).get("num_sequences"):
+        val = ValidationSet(cfg.data.data_dir, manifest)
+    elif cfg.eval.interval and de.rank == 0:
+        # Synthetic task directories hold train/test splits, not validation sequences.
+        print(
+            f"[train] {cfg.data.data_dir} has no validation sequences: in-loop validation is "
+            "off (a synthetic task: score it with python -m eval --suite synthetic)",
+            flush=True,
+        )
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
     model = parallelize(build_model(cfg.model), cfg, mesh)

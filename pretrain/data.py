@@ -156,7 +156,7 @@ class TrainData:
     def __init__(self, data_dir: str | Path, manifest: dict, cfg: DataConfig):
         self.data_dir = Path(data_dir)
         self.seq_len, self.seed = cfg.seq_len, cfg.seed
-        plan = read_json(self.data_dir / manifest.get("mixture_plan", PLAN))["sources"]
+        plan = self._plan(manifest)
         # Sorted labels: the order must not depend on dict order in a JSON file.
         self.labels = sorted(k for k, v in plan.items() if v["share"] > 0)
         if not self.labels:
@@ -176,6 +176,23 @@ class TrainData:
                     f"source {label!r} gets no slot in a mixture period of {cfg.mixture_period}; "
                     "raise data.mixture_period"
                 )
+
+    def _plan(self, manifest: dict) -> dict[str, dict]:
+        """The merged mixture plan; a directory without one (a synthetic task written by
+        `python -m data_prep synthetic`) mixes its sources by their train tokens."""
+        path = self.data_dir / manifest.get("mixture_plan", PLAN)
+        if path.is_file():
+            return read_json(path)["sources"]
+        if "mixture_plan" in manifest:
+            raise DataError(f"{path} is missing (the manifest names it); rerun the merge step")
+        tokens: dict[str, int] = {}
+        for rec in manifest["shards"]:
+            if rec["split"] == "train":
+                tokens[rec["source"]] = tokens.get(rec["source"], 0) + int(rec["tokens"])
+        total = sum(tokens.values())
+        if not total:
+            raise DataError(f"{self.data_dir} has no train shards")
+        return {label: {"share": n / total} for label, n in tokens.items()}
 
     def locate(self, i: int) -> tuple[int, int]:
         """Global sample i -> (source index, window index). Pure in (seed, i)."""

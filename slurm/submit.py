@@ -5,7 +5,7 @@
     python -m slurm.submit sweep TRAIN_CONFIG --models configs/model/moe_d512_e*.yaml
             [--eval all] [--dry-run]
         one training job per model config (slurm/train.sbatch), each requeueing itself;
-        run_dir=runs/<model name>; every job's config is validated before anything is
+        run_dir=<--runs-dir>/<model name>; every job's config is validated before anything is
         submitted; with --eval, an evaluation job per run once its training has finished
     python -m slurm.submit eval runs/moe_d512_e8 runs/dense_d512 [--suite all]
             [--eval-arg=--limit=500] [--after JOB]
@@ -81,7 +81,12 @@ def submit_data(sub: Submitter, config: str, tasks: int, overrides: list[str]) -
 
 
 def submit_sweep(
-    sub: Submitter, config: str, models: list[str], overrides: list[str], after: list[str]
+    sub: Submitter,
+    config: str,
+    models: list[str],
+    overrides: list[str],
+    after: list[str],
+    runs_dir: str = "runs",
 ) -> list[str]:
     if not models:
         raise UserError("--models needs at least one model config")
@@ -91,7 +96,10 @@ def submit_sweep(
         if not Path(model).is_file():
             raise UserError(f"model config not found: {model}")
         name = Path(model).stem
-        job_overrides = [f"model={model}", f"run_dir=runs/{name}", f"logging.run_name={name}"]
+        if any(o.startswith("run_dir=") for o in overrides):
+            raise UserError("a sweep names each run itself: use --runs-dir, not run_dir=")
+        run_dir = f"{runs_dir.rstrip('/')}/{name}"
+        job_overrides = [f"model={model}", f"run_dir={run_dir}", f"logging.run_name={name}"]
         job_overrides += overrides
         _check_train_config(config, job_overrides)  # a bad value fails here, not in the queue
         args = [config, *job_overrides]
@@ -131,18 +139,11 @@ def submit_eval(
     return jobs
 
 
-def _check_train_config(config: str, overrides: list[str]):
+def _check_train_config(config: str, overrides: list[str]) -> None:
     from mop.config import load_config
     from pretrain.config import TrainConfig
 
-    return load_config(TrainConfig, config, overrides)
-
-
-def _run_dir(config: str, model: str, overrides: list[str]) -> str:
-    """The run directory of a sweep job (the user's run_dir= override wins, as in training)."""
-    name = Path(model).stem
-    job_overrides = [f"model={model}", f"run_dir=runs/{name}", *overrides]
-    return _check_train_config(config, job_overrides).run_dir
+    load_config(TrainConfig, config, overrides)
 
 
 @cli_entry
@@ -169,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("config", help="training recipe YAML")
     s.add_argument("--models", nargs="+", required=True)
     s.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
+    s.add_argument(
+        "--runs-dir",
+        default="runs",
+        help="run_dir of each job = RUNS_DIR/<model config name> (default: runs)",
+    )
     s.add_argument(
         "--eval",
         metavar="SUITE",
@@ -197,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             from eval.__main__ import parse_suites
 
             parse_suites(args.eval)  # before any training job is submitted
-        jobs = submit_sweep(sub, args.config, args.models, args.overrides, args.after)
+        jobs = submit_sweep(
+            sub, args.config, args.models, args.overrides, args.after, args.runs_dir
+        )
         if args.eval:
             for model, job in zip(args.models, jobs):
-                run_dir = _run_dir(args.config, model, args.overrides)
+                run_dir = f"{args.runs_dir.rstrip('/')}/{Path(model).stem}"
                 submit_eval(sub, [run_dir], args.eval, [], after=[job])
     return 0
 

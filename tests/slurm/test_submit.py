@@ -146,6 +146,8 @@ def test_sweep_with_eval_chains_one_eval_job_per_run(tmp_path):
         str(REPO / "configs/model/tiny_moe.yaml"),
         "--eval",
         "knowledge,ppl",
+        "--runs-dir",
+        "runs/sweep1/",
         "max_steps=10",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -153,19 +155,26 @@ def test_sweep_with_eval_chains_one_eval_job_per_run(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 4 and all("train.sbatch" in c for c in calls[:2])
     # fake job ids 101, 102 are the training jobs; each eval waits for its own
-    assert "--dependency=afterok:101" in calls[2] and "eval.sbatch runs/tiny_dense" in calls[2]
-    assert "--dependency=afterok:102" in calls[3] and "eval.sbatch runs/tiny_moe" in calls[3]
+    assert "run_dir=runs/sweep1/tiny_dense " in calls[0]
+    assert "--dependency=afterok:101" in calls[2]
+    assert "eval.sbatch runs/sweep1/tiny_dense --suite" in calls[2]
+    assert "--dependency=afterok:102" in calls[3]
+    assert "eval.sbatch runs/sweep1/tiny_moe --suite" in calls[3]
     assert calls[3].endswith("--suite knowledge,ppl")
     # a bad suite is refused before any training job is queued
     (tmp_path / "calls").unlink()
     bad = subprocess.run(
-        [*cmd[:-3], "--eval", "bogus", "max_steps=10"],
+        [*cmd[:-5], "--eval", "bogus", "max_steps=10"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 2 and "unknown suite 'bogus'" in bad.stderr
+    one_dir = subprocess.run(
+        [*cmd[:-1], "run_dir=runs/x"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert one_dir.returncode == 2 and "use --runs-dir" in one_dir.stderr
     assert not (tmp_path / "calls").exists()
 
 
