@@ -8,6 +8,7 @@
 3. generates the synthetic phone-book, shortest-path and memorization tasks,
 4. trains a tiny dense and a tiny MoE decoder with DeepSpeed on the CPU
    (configs/train/tiny_cpu.yaml), stops the MoE run with SIGTERM half-way and resumes it,
+   and a tiny phone-book LM on the generated book (scored by the synthetic suite),
 5. evaluates both: validation perplexity and the commonsense + knowledge suites through
    lm-evaluation-harness on local benchmark files; trains the memorization classifier,
 6. writes the report (markdown, CSV, plots) across the runs.
@@ -110,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         if model == "tiny_moe":
             _run_until_stopped(["-m", "pretrain", "--config", train_cfg, *run_over], runs / model)
         _run(["-m", "pretrain", "--config", train_cfg, *run_over])
+    # A phone-book LM: the generator's directory is its training data (no merge step).
+    book_run = runs / "phonebook_tiny_dense"
+    book_over = [
+        "model=configs/model/tiny_dense.yaml",
+        "model.vocab_size=64",  # the character tokenizer's 40 tokens
+        f"data.data_dir={syn / 'phonebook'}",
+        "data.seq_len=64",
+        f"run_dir={book_run}",
+        "logging.wandb_mode=disabled",
+        "max_steps=60",
+    ]
+    _run(["-m", "pretrain", "--config", train_cfg, *book_over])
+    _run(["-m", "eval", "--checkpoint", str(book_run), "--suite", "synthetic", "--limit", "100"])
     bench = out / "benchmarks"
     from eval.fixtures import write_fixtures
 

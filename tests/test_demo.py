@@ -37,6 +37,10 @@ def test_demo_runs_every_stage(tmp_path):
         tags = sorted((out / "runs" / run / "checkpoints").glob("step_*"))
         assert (tags[-1] / "results.json").is_file(), run
     assert (out / "runs/memorization/results.json").is_file()
+    book = json.loads(
+        (out / "runs/phonebook_tiny_dense/checkpoints/step_00000060/results.json").read_text()
+    )
+    assert book["synthetic"]["phonebook"]["book_size"] == 2000
     report = (out / "report/report.md").read_text()
-    assert "3 checkpoint(s)" in report and (out / "report/results.csv").is_file()
+    assert "4 checkpoint(s)" in report and (out / "report/results.csv").is_file()
     assert "| memorization_tiny_dense |" in report
