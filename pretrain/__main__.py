@@ -8,11 +8,16 @@ Exit codes: see pretrain/trainer.py (0 done, 75 (EX_TEMPFAIL) requeue after a st
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
-import sys
-from dataclasses import asdict
+from pretrain.stop import install_stop_handlers
+
+if __name__ == "__main__":
+    install_stop_handlers()  # before the imports below (torch): a stop signal is a requeue
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 
 from mop.config import load_config, to_yaml
 from mop.errors import cli_entry
@@ -133,7 +138,6 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
             f"{sizes.global_batch} x {cfg.data.seq_len} tokens, {ds_cfg.get('bf16') and 'bf16' or 'fp32'}",
             flush=True,
         )
-    trainer.install_signal_handlers()
     try:
         code = trainer.fit()
     finally:
@@ -147,6 +151,8 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.dry_run:
+        install_stop_handlers()  # entry points that import main() (e.g. test wrappers)
     cfg = load_config(TrainConfig, args.config, args.overrides)
     import torch
 

@@ -18,7 +18,6 @@ in `skipped_steps`. `max_steps` counts attempted steps.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from pretrain.model.accounting import model_size
 from pretrain.model.transformer import lm_loss
 from pretrain.parallel import Mesh
 from pretrain.parallel.tensor import vocab_parallel_lm_loss
+from pretrain.stop import stop_requested
 
 REQUEUE_EXIT_CODE = 75
 NONFINITE_EXIT_CODE = 65
@@ -165,16 +165,11 @@ class Trainer:
         self.sizes, self.mesh, self.tokenizer_sha256 = sizes, mesh, tokenizer_sha256
         self.callbacks = callbacks
         self.state = TrainState()
-        self.stop_requested = False
 
     # Signals ----------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            # Only set a flag: the step in flight finishes, then the loop saves and exits.
-            self.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+    @property
+    def stop_requested(self) -> bool:
+        return stop_requested()  # pretrain/stop.py: set by SIGTERM / SIGUSR1
 
     def _stop_agreed(self) -> bool:
         if self.mesh.world_size == 1:

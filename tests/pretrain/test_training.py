@@ -112,3 +112,36 @@ def test_nonfinite_in_a_row_stops_keeping_last_good(data_dir, tmp_path):
     check_ok(res, NONFINITE_EXIT_CODE)
     assert read_pointer(tmp_path / "checkpoints") == tag_of(4)
     assert max(step_losses(tmp_path)) == 7
+
+
+def test_stop_signal_during_startup_still_requeues(data_dir, tmp_path):
+    """SIGTERM while `python -m pretrain` is still importing torch / DeepSpeed (preemption
+    right after the job starts): the handler is already in place, so the run takes one step,
+    saves it and exits with the requeue code instead of dying with a code SLURM would not
+    requeue."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.pretrain.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "pretrain", "--config", "configs/train/tiny_cpu.yaml"]
+    proc = subprocess.Popen(
+        [*cmd, *train_overrides(data_dir, tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # the handler is installed within ~0.1 s; torch alone takes longer to import
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-2000:] + err[-3000:]
+    assert "fresh start" in out  # the signal arrived before training started
+    steps = sorted(step_losses(tmp_path))
+    assert steps and steps == list(range(1, len(steps) + 1))
+    assert read_pointer(tmp_path / "checkpoints") == tag_of(steps[-1])

@@ -116,3 +116,44 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
     assert "restart 1" in text and f"resumed from step_{stopped_at:08d}" in text, text[-2000:]
     steps = [m["step"] for m in _metrics(run) if "loss" in m]
     assert steps == list(range(1, max_steps + 1)) or steps == list(range(max_steps)), steps[:5]
+
+
+def test_two_tasks_under_srun_form_one_job(tmp_path):
+    """`srun` with two tasks (what a multi-GPU node runs): ranks come from SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID and the master address from train.sbatch; here with
+    expert parallelism over the two ranks, so the all-to-all crosses processes."""
+    assert _slurm_up(), "MOP_REQUIRE_SLURM=1 but no SLURM cluster answers"
+    data = make_data_dir(tmp_path / "data")
+    run = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    overrides = train_overrides(
+        data,
+        run,
+        max_steps=10,
+        **{"checkpoint.interval": 5, "batch.grad_accum": 1, "parallel.expert_parallel": 2},
+    )
+    env = {
+        **os.environ,
+        "PY": str(REPO / ".venv/bin/python"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0"]
+    cmd += ["--cpus-per-task=1", "--time=15", f"--output={logs}/%j.out", "--export=ALL"]
+    cmd += [str(REPO / "slurm/train.sbatch"), str(REPO / "configs/train/tiny_cpu.yaml")]
+    job = subprocess.run(
+        [*cmd, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        _wait(lambda: _job_state(job)[0] == "GONE" or None, 300, "the two-task job")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = (logs / f"{job}.out").read_text()
+    assert "world 2 (dp 2, tp 1, ep 2)" in text, text[-3000:]
+    assert [m["step"] for m in _metrics(run) if "loss" in m] == list(range(1, 11))
+    final = run / "checkpoints" / "step_00000010"
+    assert {p.name for p in final.glob("expert_shard_rank*.pt")} == {
+        "expert_shard_rank0.pt",
+        "expert_shard_rank1.pt",
+    }
