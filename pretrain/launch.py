@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -57,4 +59,31 @@ def init_distributed(de: DistEnv, cuda: bool) -> None:
 
     if cuda:
         torch.cuda.set_device(de.local_rank)
+    elif de.local_rank == 0:
+        clear_stale_jit_lock("deepspeed_shm_comm")
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+
+
+STALE_LOCK_SECONDS = 900
+
+
+def clear_stale_jit_lock(name: str, max_age_s: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove torch's JIT-build lock of extension `name` when it is older than `max_age_s`.
+
+    On the CPU accelerator DeepSpeed JIT-builds its shared-memory comm op at start-up; torch
+    guards the build with a lock file that only the builder deletes. A process killed while
+    building (SIGKILL, or a signal during start-up) leaves the lock behind, and every later
+    run then waits for it forever, silently. A build takes about a minute, so a lock older than
+    15 minutes has no builder. Returns whether one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, RuntimeError):
+        return False  # no lock (the usual case) or no build directory
+    if age < max_age_s:
+        return False
+    print(f"[train] removing a stale JIT build lock ({age / 60:.0f} min old): {lock}", flush=True)
+    lock.unlink(missing_ok=True)
+    return True
