@@ -80,6 +80,11 @@ def submit_data(sub: Submitter, config: str, tasks: int, overrides: list[str]) -
     return [tok, arr, merge]
 
 
+def sweep_run_dir(runs_dir: str, model: str) -> str:
+    """Where a sweep's job for `model` (a model config path) trains: RUNS_DIR/<config name>."""
+    return f"{runs_dir.rstrip('/')}/{Path(model).stem}"
+
+
 def submit_sweep(
     sub: Submitter,
     config: str,
@@ -98,7 +103,7 @@ def submit_sweep(
         name = Path(model).stem
         if any(o.startswith("run_dir=") for o in overrides):
             raise UserError("a sweep names each run itself: use --runs-dir, not run_dir=")
-        run_dir = f"{runs_dir.rstrip('/')}/{name}"
+        run_dir = sweep_run_dir(runs_dir, model)
         job_overrides = [f"model={model}", f"run_dir={run_dir}", f"logging.run_name={name}"]
         job_overrides += overrides
         _check_train_config(config, job_overrides)  # a bad value fails here, not in the queue
@@ -208,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.eval:
             for model, job in zip(args.models, jobs):
-                run_dir = f"{args.runs_dir.rstrip('/')}/{Path(model).stem}"
-                submit_eval(sub, [run_dir], args.eval, [], after=[job])
+                submit_eval(sub, [sweep_run_dir(args.runs_dir, model)], args.eval, [], after=[job])
     return 0
 
 
