@@ -261,10 +261,9 @@ def load(
             f"checkpoint {ckpt_dir / tag} was saved with tensor_parallel={saved_tp}; resume "
             f"with the same tensor_parallel (now {tp})"
         )
-    # Expert shards are marked allreduce=False (pretrain.parallel.expert.is_expert_param).
-    expert_parallel = any(
-        getattr(p, "allreduce", True) is False for p in engine.module.parameters()
-    )
+    from pretrain.parallel.expert import is_expert_param
+
+    expert_parallel = any(is_expert_param(p) for p in engine.module.parameters())
     if saved_dp and saved_dp != dp:
         if engine.zero_optimization_stage() not in (1, 2):
             raise DataError(

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from pretrain.model.config import MoEConfig
 from pretrain.model.moe_backends import MegablocksExperts, torch_dropless_experts
 from pretrain.model.router import (
+    Routing,
     TopKRouter,
     expert_counts_per_row,
     expert_load_stats,
@@ -59,7 +60,12 @@ class MoE(nn.Module):
             y = torch_dropless_experts(
                 flat, routing, self.w1, self.v1, self.w2, use_grouped_mm=self.cfg.grouped_mm
             )
-        aux = {
+        return y.view(shape), self.aux_outputs(routing, shape)
+
+    def aux_outputs(self, routing: Routing, shape: torch.Size) -> dict[str, Tensor]:
+        """Aux losses and load statistics of one routing of `shape` ([B, T, d]) inputs; the
+        same for every way of running the experts (expert parallel included)."""
+        return {
             "lb_loss": load_balancing_loss(routing.probs, routing.tokens_per_expert, self.top_k),
             "z_loss": router_z_loss(routing.logits),
             **expert_load_stats(routing.tokens_per_expert),
@@ -67,7 +73,6 @@ class MoE(nn.Module):
                 routing.experts, shape[0] if len(shape) == 3 else 1, self.num_experts
             ),
         }
-        return y.view(shape), aux
 
     @staticmethod
     def num_params(d_model: int, cfg: MoEConfig, ffn_hidden: int) -> int:

@@ -69,12 +69,6 @@ from torch import Tensor, nn
 from mop.errors import ConfigError, DataError
 from pretrain.model.moe import MoE
 from pretrain.model.moe_backends import _expert_grouped_mm, compute_dtype
-from pretrain.model.router import (
-    expert_counts_per_row,
-    expert_load_stats,
-    load_balancing_loss,
-    router_z_loss,
-)
 
 EXPERT_PARAM_NAMES = ("w1", "v1", "w2")
 
@@ -139,15 +133,7 @@ class ExpertParallelMoE(MoE):
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat)
         y = self._experts(flat, routing)
-        aux = {
-            "lb_loss": load_balancing_loss(routing.probs, routing.tokens_per_expert, self.top_k),
-            "z_loss": router_z_loss(routing.logits),
-            **expert_load_stats(routing.tokens_per_expert),
-            "expert_counts_per_row": expert_counts_per_row(
-                routing.experts, shape[0] if len(shape) == 3 else 1, self.num_experts
-            ),
-        }
-        return y.view(shape), aux
+        return y.view(shape), self.aux_outputs(routing, shape)
 
     def _experts(self, flat: Tensor, routing) -> Tensor:
         ep, local = self.ep, self.ep.num_local_experts
