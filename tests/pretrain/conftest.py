@@ -106,16 +106,23 @@ def train_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in over.items()]
 
 
-def run_trainer(
-    overrides: list[str], env_extra: dict[str, str] | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess:
-    """Run the trainer in a fresh process through the test-only wrapper (faults by env)."""
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment of a training/eval subprocess: no inherited rank variables (a test run
+    under torchrun or srun must not leak them), one thread, the repository importable."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
     }
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})})
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def run_trainer(
+    overrides: list[str], env_extra: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """Run the trainer in a fresh process through the test-only wrapper (faults by env)."""
+    env = subprocess_env(**(env_extra or {}))
     cmd = [
         sys.executable,
         str(Path(__file__).with_name("fault_wrapper.py")),

@@ -4,7 +4,6 @@ its metrics.jsonl back, for the tests that compare whole runs."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.launch import free_port
-from tests.pretrain.conftest import REPO
+from tests.pretrain.conftest import REPO, subprocess_env
 
 TINY = REPO / "configs/train/tiny_cpu.yaml"
 RTOL = 1e-5
@@ -21,12 +20,7 @@ RTOL = 1e-5
 def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300, check: bool = True):
     """`python -m pretrain` (via the test wrapper) in one process or under torchrun; with
     check, a failed run fails the test with the ranks' errors."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
-    }
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    env = subprocess_env()
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]

@@ -5,7 +5,6 @@ and `python -m eval --suite synthetic` scores the trained checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from eval.results import load_results
 from mop.config import load_config
 from pretrain.config import TrainConfig
 from pretrain.data import TrainData
-from tests.pretrain.conftest import REPO
+from tests.pretrain.conftest import REPO, subprocess_env
 
 
 def test_phonebook_trains_and_evaluates(tmp_path):
@@ -41,9 +40,7 @@ def test_phonebook_trains_and_evaluates(tmp_path):
     data = TrainData(book, load_manifest(book), cfg.data)
     assert data.labels == ["phonebook"] and data.shares == [1.0]
     assert data.streams[0].num_windows == (300 * 16 - 1) // 64
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(k, None)
+    env = subprocess_env()
     res = subprocess.run(
         [sys.executable, "-m", "pretrain", "--config", "configs/train/tiny_cpu.yaml", *overrides],
         cwd=REPO,

@@ -119,15 +119,13 @@ def test_stop_signal_during_startup_still_requeues(data_dir, tmp_path):
     right after the job starts): the handler is already in place, so the run takes one step,
     saves it and exits with the requeue code instead of dying with a code SLURM would not
     requeue."""
-    import os
     import subprocess
     import sys
     import time
 
-    from tests.pretrain.conftest import REPO
+    from tests.pretrain.conftest import REPO, subprocess_env
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "pretrain", "--config", "configs/train/tiny_cpu.yaml"]
     proc = subprocess.Popen(
         [*cmd, *train_overrides(data_dir, tmp_path)],
