@@ -52,7 +52,7 @@ test: install lint
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 demo: install
-	$(VPY) -m mop.demo --out demo_out
+	$(VPY) -m demo --out demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out

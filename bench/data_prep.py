@@ -31,9 +31,9 @@ from data_prep.config import DataPrepConfig  # noqa: E402
 from data_prep.loading import Document, open_source  # noqa: E402
 from data_prep.manifest import load_manifest  # noqa: E402
 from data_prep.pipeline import run_tokenize_task  # noqa: E402
-from data_prep.samples import write_fineweb_parquet  # noqa: E402
 from data_prep.shards import ShardReader  # noqa: E402
 from data_prep.tokenizer import train_bpe  # noqa: E402
+from demo.samples import write_fineweb_parquet  # noqa: E402
 
 
 def main() -> int:

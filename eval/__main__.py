@@ -2,7 +2,7 @@
 math|synthetic|all|<task> [--limit N] [--data-dir DIR] [--benchmark-dir DIR] [--batch-size B]
 [--device D]`
 
-Writes (merges into) `results.json` beside the evaluated checkpoint (schema: eval/results.py)
+Writes (merges into) `results.json` beside the evaluated checkpoint (schema: mop/results.py)
 and prints a table of what it computed. `--suite` takes one name or a comma list; `all` is
 ppl + knowledge + commonsense + math (synthetic tasks only make sense for models trained on
 them, so they are asked for by name). Under torchrun every rank evaluates its share and rank 0
@@ -27,11 +27,8 @@ import sys
 import time
 from typing import Any
 
+from eval.suites import BENCHMARKS, SUITES, parse_suites
 from mop.errors import ConfigError, cli_entry
-
-SUITES = ("ppl", "knowledge", "commonsense", "math", "synthetic")
-ALL = ("ppl", "knowledge", "commonsense", "math")
-BENCHMARKS = ("knowledge", "commonsense", "math")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,8 +64,8 @@ def task_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def finished_tasks(checkpoint_dir, settings: dict[str, Any]) -> set[str]:
     """Tasks of results.json evaluated with exactly these settings."""
-    from eval.results import results_path
     from mop.fileio import read_json
+    from mop.results import results_path
 
     path = results_path(checkpoint_dir)
     if not path.is_file():
@@ -86,26 +83,6 @@ def _same_on_every_rank(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def parse_suites(text: str) -> list[str]:
-    """Suites and single benchmark tasks (e.g. `ppl,gsm8k`), in order, without repeats."""
-    from eval.tasks import TASKS
-
-    out: list[str] = []
-    for name in (s.strip() for s in text.split(",") if s.strip()):
-        if name == "all":
-            out += [s for s in ALL if s not in out]
-        elif name in SUITES or name in TASKS:
-            out += [name] if name not in out else []
-        else:
-            raise ConfigError(
-                f"unknown suite {name!r}; choose from {', '.join(SUITES)}, all, or a task: "
-                f"{', '.join(TASKS)}"
-            )
-    if not out:
-        raise ConfigError("--suite is empty")
-    return out
 
 
 def init_distributed(device: str | None) -> tuple[int, int, str]:
@@ -208,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from eval.checkpoint import load_for_eval
     from eval.lm_adapter import MopLM
-    from eval.results import load_results, results_path, update_results
+    from mop.results import load_results, results_path, update_results
 
     loaded = load_for_eval(args.checkpoint, data_dir=args.data_dir, device=device)
     lm = MopLM(

@@ -66,7 +66,7 @@ class LoadedModel:
         return self.model.cfg
 
     def header(self, name: str | None = None) -> dict[str, Any]:
-        """The results.json header (eval/results.py): where the weights came from and the model."""
+        """The results.json header (mop/results.py): where the weights came from and the model."""
         cfg = self.cfg
         size = model_size(cfg, seq_len=cfg.max_seq_len)
         run = self.ref.run_dir

@@ -33,9 +33,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.results import CATEGORIES, RESULTS_FILE, load_results
 from eval.synthetic import max_book_size_at
 from mop.errors import DataError, UserError, cli_entry
+from mop.results import CATEGORIES, RESULTS_FILE, load_results
 
 BASE_COLUMNS = (
     "run_dir",

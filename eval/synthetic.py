@@ -26,12 +26,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mop.errors import ConfigError, DataError
 from mop.fileio import read_json
+from pretrain.memorization import classifier_accuracy
 
 TEXT_TASKS = ("phonebook", "shortest_path")
 TASKS = (*TEXT_TASKS, "memorization")
@@ -244,37 +244,6 @@ def eval_shortest_path(
         "nodes": int(rows[0]["n"]) if rows else None,
         "n": len(rows),
     }
-
-
-def _as_tensor(a: np.ndarray | Tensor) -> Tensor:
-    # np.array copies: memory-mapped inputs are read-only, which torch warns about.
-    return a if isinstance(a, Tensor) else torch.from_numpy(np.array(a))
-
-
-@torch.no_grad()
-def classifier_accuracy(
-    model: nn.Module,
-    x: np.ndarray | Tensor,
-    y: np.ndarray | Tensor,
-    device: torch.device | str,
-    batch_size: int = 1024,
-) -> float:
-    """Fraction of sequences whose logit sign matches the +-1 label (logit 0 counts as -1)."""
-    n = len(y)
-    if n == 0:
-        return 0.0
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for lo in range(0, n, batch_size):
-        xb, yb = _as_tensor(x[lo : lo + batch_size]), _as_tensor(y[lo : lo + batch_size])
-        yb = yb.to(device)
-        out = model(xb.to(device, torch.float32))
-        logit = out.logits if hasattr(out, "logits") else out
-        pred = torch.where(logit.reshape(-1) > 0, 1, -1)
-        correct += int((pred == yb.reshape(-1).long()).sum())
-    model.train(was_training)
-    return correct / n
 
 
 def eval_memorization(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mop.config import apply_overrides, read_yaml, save_resolved, validate
 from mop.errors import ConfigError, cli_entry
@@ -74,6 +75,37 @@ def model_header(cfg: ClassifierConfig, name: str) -> dict[str, Any]:
     }
 
 
+def _as_tensor(a: np.ndarray | Tensor) -> Tensor:
+    # np.array copies: memory-mapped inputs are read-only, which torch warns about.
+    return a if isinstance(a, Tensor) else torch.from_numpy(np.array(a))
+
+
+@torch.no_grad()
+def classifier_accuracy(
+    model: nn.Module,
+    x: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    device: torch.device | str,
+    batch_size: int = 1024,
+) -> float:
+    """Fraction of sequences whose logit sign matches the +-1 label (logit 0 counts as -1)."""
+    n = len(y)
+    if n == 0:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for lo in range(0, n, batch_size):
+        xb, yb = _as_tensor(x[lo : lo + batch_size]), _as_tensor(y[lo : lo + batch_size])
+        yb = yb.to(device)
+        out = model(xb.to(device, torch.float32))
+        logit = out.logits if hasattr(out, "logits") else out
+        pred = torch.where(logit.reshape(-1) > 0, 1, -1)
+        correct += int((pred == yb.reshape(-1).long()).sum())
+    model.train(was_training)
+    return correct / n
+
+
 def train_classifier(
     model: SequenceClassifier,
     x: torch.Tensor,
@@ -92,8 +124,6 @@ def train_classifier(
 
     `log(record)` is called at every log step (and the last) with step/loss/accuracy/lr.
     """
-    from eval.synthetic import classifier_accuracy
-
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     target = (y.float() + 1) / 2
@@ -169,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
     from data_prep.synthetic.memorization import load_memorization
-    from eval.results import update_results
+    from mop.results import update_results
 
     x_np, y_np = load_memorization(args.data)
     cfg = load_classifier_config(args.model, args.overrides, x_np.shape[2], x_np.shape[1])

@@ -126,7 +126,7 @@ def submit_eval(
     """One slurm/eval.sbatch job per run directory or checkpoint."""
     if not checkpoints:
         raise UserError("eval needs at least one run directory or checkpoint")
-    from eval.__main__ import parse_suites
+    from eval.suites import parse_suites
 
     parse_suites(suite)  # an unknown suite fails here, not in the queue
     Path("logs").mkdir(exist_ok=True)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         submit_eval(sub, args.checkpoints, args.suite, args.eval_arg, args.after)
     else:
         if args.eval:
-            from eval.__main__ import parse_suites
+            from eval.suites import parse_suites
 
             parse_suites(args.eval)  # before any training job is submitted
         jobs = submit_sweep(

@@ -1,4 +1,4 @@
-"""`python -m mop.demo` (the README's first command, `make demo`) end to end, as a user runs
+"""`python -m demo` (the README's first command, `make demo`) end to end, as a user runs
 it: every stage's real CLI on generated data. About a minute on 2 CPU cores."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "mop.demo", "--out", str(out)],
+        [sys.executable, "-m", "demo", "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -1,7 +1,7 @@
 import pytest
 
-from eval.results import SCHEMA, load_results, update_results
 from mop.errors import DataError
+from mop.results import SCHEMA, load_results, update_results
 
 
 def test_sections_accumulate_and_categories_average(tmp_path):

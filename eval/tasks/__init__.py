@@ -2,7 +2,7 @@
 
 `run_suite(lm, "knowledge" | "commonsense" | "math" | "all" | "task,task,...", data_dir, limit)`
 evaluates an `lm_eval.api.model.LM` and returns one entry per task in the `tasks` section format
-of eval/results.py. Shots, prompts, splits and metrics per task: eval/tasks/README.md.
+of mop/results.py. Shots, prompts, splits and metrics per task: eval/tasks/README.md.
 
 Each task is a YAML of this folder. Most derive from an lm-eval built-in (`base:`, a path
 under lm_eval/tasks/, merged key by key the way lm-eval's own `include:` merges; `base` is ours
@@ -10,7 +10,7 @@ because `include:` cannot name a file of the installed package portably). The me
 are handed to the harness as inline dicts, so the built-in prompt text is never copied.
 
 With `data_dir`, every task reads `<data_dir>/<folder>/<split>.{jsonl,json,parquet}` (files in
-the hub dataset's own schema, see eval/fixtures.py) instead of the hub.
+the hub dataset's own schema, see demo/fixtures.py) instead of the hub.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import yaml
 
-from data_prep import samples as fixtures
 from data_prep.config import DataPrepConfig
 from data_prep.manifest import load_manifest
 from data_prep.merge import merge
@@ -27,6 +26,7 @@ from data_prep.pipeline import (
 )
 from data_prep.shards import ShardReader
 from data_prep.tokenizer import load_tokenizer_dir
+from demo import samples as fixtures
 from mop.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]

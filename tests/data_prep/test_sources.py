@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import pytest
 
-from data_prep import samples as fx
 from data_prep.config import SourceConfig
 from data_prep.loading import (
     Document,
@@ -21,6 +20,7 @@ from data_prep.loading import (
 )
 from data_prep.renderers import SkipRow, text_field
 from data_prep.sources import REGISTRY, get_spec
+from demo import samples as fx
 from mop.errors import DataError
 
 

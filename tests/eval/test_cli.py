@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from eval.__main__ import main, parse_suites
-from eval.results import load_results
+from eval.__main__ import main
+from eval.suites import parse_suites
 from mop.errors import ConfigError
+from mop.results import load_results
 
 from .conftest import REPO
 

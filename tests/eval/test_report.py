@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.report import BASE_COLUMNS, SYNTHETIC_COLUMNS, main, make_report
-from eval.results import update_results
+from mop.results import update_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIZES = (256, 512, 1024)

@@ -1,6 +1,6 @@
 """The benchmark suites end to end through the real harness (lm_eval.simple_evaluate).
 
-Every task reads tiny local files in its hub schema (eval/fixtures.py). Two scripted models
+Every task reads tiny local files in its hub schema (demo/fixtures.py). Two scripted models
 answer from the document the harness attaches to each request, using gold answers derived here
 from the raw schema (independently of the task configs): an oracle must score exactly 1 and an
 always-wrong model exactly 0 on every primary metric. All tasks run in one harness call per
@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from eval.fixtures import FIXTURES, fixture_docs, write_fixtures
-from eval.results import category_means
+from demo.fixtures import FIXTURES, fixture_docs, write_fixtures
 from eval.tasks import MATH_SUBJECTS, SUITES, TASKS, build_configs, run_suite, task_names
 from mop.errors import DataError, UserError
+from mop.results import category_means
 
 Doc = dict[str, Any]
 

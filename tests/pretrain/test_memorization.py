@@ -108,7 +108,7 @@ def test_config_takes_input_dim_from_data_and_checks_length(tmp_path: Path) -> N
 def test_cli_writes_metrics_weights_config_and_results(mem_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from eval.results import load_results
+    from mop.results import load_results
 
     out = tmp_path / "run"
     argv = [

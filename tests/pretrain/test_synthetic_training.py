@@ -11,8 +11,8 @@ import sys
 from data_prep.manifest import load_manifest
 from data_prep.synthetic.cli import main as synthetic_cli
 from eval.__main__ import main as eval_main
-from eval.results import load_results
 from mop.config import load_config
+from mop.results import load_results
 from pretrain.config import TrainConfig
 from pretrain.data import TrainData
 from tests.pretrain.conftest import REPO, subprocess_env

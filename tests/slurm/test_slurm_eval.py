@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 
-from eval.fixtures import write_fixtures
+from demo.fixtures import write_fixtures
 from tests.eval.conftest import make_eval_data_dir, train_tiny
 from tests.pretrain.conftest import REPO
 from tests.slurm.test_slurm_requeue import _job_state, _slurm_up, _wait, pytestmark  # noqa: F401

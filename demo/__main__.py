@@ -1,6 +1,6 @@
 """End-to-end demo on generated data, small enough for a laptop CPU.
 
-    python -m mop.demo --out demo_out        (what `make demo` runs)
+    python -m demo --out demo_out        (what `make demo` runs)
 
 1. writes tiny local files in the real hub schemas (parquet, jsonl.zst, JSON array, ...),
 2. trains a BPE tokenizer on the mixture, tokenizes it into shards, merges the manifest,
@@ -35,7 +35,7 @@ def _run(cmd: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mop.demo",
+        prog="python -m demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     t0 = time.perf_counter()
 
-    from data_prep.samples import write_tiny_mixture
+    from demo.samples import write_tiny_mixture
 
     raw = write_tiny_mixture(out / "raw", n_docs=args.docs)
     print(f"[demo] wrote sample sources in the hub schemas: {', '.join(sorted(raw))}")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     _run(["-m", "pretrain", "--config", train_cfg, *book_over])
     _run(["-m", "eval", "--checkpoint", str(book_run), "--suite", "synthetic", "--limit", "100"])
     bench = out / "benchmarks"
-    from eval.fixtures import write_fixtures
+    from demo.fixtures import write_fixtures
 
     write_fixtures(bench)
     for model in ("tiny_dense", "tiny_moe"):
