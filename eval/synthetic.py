@@ -13,10 +13,8 @@ results.json for that task:
 - memorization: sign of a sequence classifier's logit against the +-1 labels (the test set is
   the training set by design) -> {"memorization": {"accuracy", "n"}}.
 
-Decoding is plain full-forward greedy decoding (no KV cache), batched. A causal model lets
-prompts of different lengths share a batch by right-padding: the logits at a sequence's own
-last position never see the padding after it. A non-causal model only batches prompts of
-equal length (phone-book prompts all have the same length).
+Decoding is `eval.generate.greedy_generate` (KV cache for a causal Transformer, full recompute
+over equal-length batches otherwise; phone-book prompts all have the same length).
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from eval.generate import greedy_generate
 from mop.errors import ConfigError, DataError
 from mop.fileio import read_json
 from pretrain.memorization import classifier_accuracy
@@ -65,112 +64,6 @@ def _task_config(data_dir: Path) -> dict[str, Any]:
     return read_json(data_dir / "config.json")
 
 
-# -- greedy decoding -------------------------------------------------------------------------
-
-
-def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    out = model(input_ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _is_causal(model: nn.Module) -> bool:
-    cfg = getattr(model, "cfg", None)
-    return bool(getattr(cfg, "causal", True))
-
-
-def _max_seq_len(model: nn.Module) -> int | None:
-    cfg = getattr(model, "cfg", None)
-    return getattr(cfg, "max_seq_len", None)
-
-
-@torch.no_grad()
-def greedy_batch(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    eos_id: int | None,
-    device: torch.device | str,
-    pad_id: int = 0,
-) -> list[list[int]]:
-    """Greedy continuation of each prompt (right-padded into one batch), EOS not included.
-
-    Every sequence advances every step, so sequences that start with equal lengths stay
-    aligned; decoding stops once each has emitted EOS (when `eos_id` is given) or after
-    `max_new_tokens`. Right padding is only correct for a causal model (callers batch equal
-    lengths otherwise).
-    """
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    if (lengths == 0).any():
-        raise DataError("empty prompt: nothing to condition on")
-    width = int(lengths.max()) + max_new_tokens
-    buf = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        buf[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    buf, cur = buf.to(device), lengths.to(device)
-    rows = torch.arange(len(prompts), device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logits = _logits(model, buf[:, : int(cur.max())])
-        nxt = logits[rows, cur - 1].argmax(dim=-1)
-        buf[rows, cur] = nxt
-        cur = cur + 1
-        if eos_id is not None:
-            finished |= nxt == eos_id
-            if bool(finished.all()):
-                break
-    out = []
-    for i, start in enumerate(lengths.tolist()):
-        gen = buf[i, start : int(cur[i])].tolist()
-        if eos_id is not None and eos_id in gen:
-            gen = gen[: gen.index(eos_id)]
-        out.append(gen)
-    return out
-
-
-def _batches(lengths: Sequence[int], batch_size: int, causal: bool) -> Iterable[list[int]]:
-    """Index batches: sorted by length (little padding); equal lengths only if not causal."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) >= batch_size or (not causal and lengths[i] != lengths[batch[0]])):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
-def greedy_generate(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    eos_id: int | None,
-    device: torch.device | str,
-    batch_size: int = 64,
-) -> list[list[int]]:
-    """Greedy continuations of many prompts, batched, in the order of `prompts`.
-
-    `max_new_tokens` is cut to the model's `max_seq_len` (when it has one); a prompt that
-    does not fit at all is an error rather than a silent zero.
-    """
-    limit = _max_seq_len(model)
-    longest = max((len(p) for p in prompts), default=0)
-    if limit is not None:
-        if longest >= limit:
-            raise ConfigError(
-                f"a prompt of {longest} tokens leaves no room to generate within the model's "
-                f"max_seq_len={limit}"
-            )
-        max_new_tokens = min(max_new_tokens, limit - longest)
-    causal = _is_causal(model)
-    results: list[list[int]] = [[] for _ in prompts]
-    for idx in _batches([len(p) for p in prompts], batch_size, causal):
-        outs = greedy_batch(model, [prompts[i] for i in idx], max_new_tokens, eos_id, device)
-        for i, gen in zip(idx, outs):
-            results[i] = gen
-    return results
-
-
 # -- the tasks --------------------------------------------------------------------------------
 
 
@@ -198,9 +91,8 @@ def eval_phonebook(
     for i, (_, ans) in enumerate(pairs):
         by_len.setdefault(len(ans), []).append(i)
     for n_ans, idx in sorted(by_len.items()):
-        gens = greedy_generate(
-            model, [pairs[i][0] for i in idx], n_ans, None, device, batch_size=batch_size
-        )
+        prompts = [pairs[i][0] for i in idx]
+        gens = greedy_generate(model, prompts, n_ans, device=device, batch_size=batch_size)
         correct += sum(gen == pairs[i][1] for i, gen in zip(idx, gens))
     n = len(rows)
     return {"accuracy": correct / n if n else 0.0, "n": n}
@@ -227,7 +119,7 @@ def eval_shortest_path(
     if max_new_tokens is None:
         max_new_tokens = max((_max_path_tokens(tokenizer, int(r["n"])) for r in rows), default=1)
     gens = greedy_generate(
-        model, prompts, max_new_tokens, tokenizer.eos_id, device, batch_size=batch_size
+        model, prompts, max_new_tokens, tokenizer.eos_id, device=device, batch_size=batch_size
     )
     exact = valid = parsed = 0
     for row, gen in zip(rows, gens):

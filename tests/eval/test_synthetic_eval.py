@@ -13,13 +13,8 @@ from data_prep.synthetic.cli import main as synthetic_cli
 from data_prep.synthetic.shortest_path import is_valid_shortest_path, parse_path
 from data_prep.synthetic.writer import load_test_set
 from data_prep.tokenizer import load_tokenizer_dir
-from eval.synthetic import (
-    _batches,
-    detect_task,
-    greedy_generate,
-    max_book_size_at,
-    run_synthetic,
-)
+from eval.generate import batches, greedy_generate
+from eval.synthetic import detect_task, max_book_size_at, run_synthetic
 from mop.errors import DataError
 
 
@@ -200,17 +195,54 @@ def test_batched_greedy_matches_one_by_one_on_a_real_causal_model() -> None:
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 17, (int(k),), generator=g).tolist() for k in (3, 9, 5, 9, 12, 1)]
-    batched = greedy_generate(model, prompts, 6, None, "cpu", batch_size=4)
-    single = [greedy_generate(model, [p], 6, None, "cpu")[0] for p in prompts]
+    batched = greedy_generate(model, prompts, 6, batch_size=4)
+    single = [greedy_generate(model, [p], 6)[0] for p in prompts]
     assert batched == single and all(len(s) == 6 for s in single)
+    # The KV-cache decoder agrees with re-running the whole sequence (the non-causal path).
+    assert greedy_generate(_Uncached(model), prompts, 6, batch_size=4) == single
     # Generation is cut at max_seq_len: 12 + 30 > 40.
-    assert len(greedy_generate(model, [prompts[4]], 30, None, "cpu")[0]) == 28
+    assert len(greedy_generate(model, [prompts[4]], 30)[0]) == 28
+
+
+def test_non_causal_transformer_decodes_by_recomputing_the_whole_sequence() -> None:
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.transformer import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=17, d_model=32, n_layers=2, n_heads=2, causal=False, ffn="soft_moe"
+    )
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 17, (int(k),), generator=g).tolist() for k in (4, 7, 4, 7)]
+
+    def by_hand(prompt: list[int]) -> list[int]:
+        # Every new token changes the whole sequence's states: re-run it from scratch.
+        ids = list(prompt)
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt) :]
+
+    with torch.no_grad():
+        want = [by_hand(p) for p in prompts]
+    assert greedy_generate(model, prompts, 5, batch_size=4) == want
+
+
+class _Uncached(nn.Module):
+    """The same causal model seen as a plain ids -> logits module (no KV cache to use)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
 
 
 def test_non_causal_models_only_batch_equal_lengths() -> None:
     lengths = [5, 3, 5, 3, 7, 5]
-    assert [sorted(b) for b in _batches(lengths, 10, causal=False)] == [[1, 3], [0, 2, 5], [4]]
-    assert [len(b) for b in _batches(lengths, 4, causal=True)] == [4, 2]
+    assert [sorted(b) for b in batches(lengths, 10, equal_lengths=True)] == [[1, 3], [0, 2, 5], [4]]
+    assert [len(b) for b in batches(lengths, 4, equal_lengths=False)] == [4, 2]
 
 
 def test_memorization_eval_with_an_oracle_classifier(tmp_path: Path) -> None:
