@@ -15,7 +15,12 @@ the file) only the latest step is kept unless `--all-steps`. Writes:
   dense and MoE as separate series (MoE one series per expert count); accuracy vs
   validation perplexity per category; phone-book maximal size (largest book with accuracy
   >= threshold across runs of one model with different book sizes) vs total and active
-  params; shortest-path and memorization accuracy vs params.
+  params (Fig. 4a); shortest-path valid and exact-match rates vs total and active params
+  (Fig. 4b); memorization accuracy vs n (one line per model), the largest n memorized at
+  >= threshold vs total and active params, and accuracy vs params at the largest n.
+  Runs of one model and size (seeds of a grid, `slurm/grid.py`) are averaged.
+- DIR/figures.csv: the numbers behind the synthetic-task figures, one row per plotted point
+  (figure, series, model, total/active params, x, y, number of runs averaged).
 
 Partial results never crash the report (a missing field leaves a cell empty and skips a
 plot); no results at all or an unreadable file is a one-line error with a non-zero exit.
@@ -58,6 +63,7 @@ SYNTHETIC_COLUMNS = (
     "shortest_path_exact_match",
     "shortest_path_valid",
     "memorization_accuracy",
+    "memorization_n",
 )
 SYNTHETIC_FIELDS = {  # column -> (section, key) in the `synthetic` part of results.json
     "phonebook_book_size": ("phonebook", "book_size"),
@@ -65,6 +71,7 @@ SYNTHETIC_FIELDS = {  # column -> (section, key) in the `synthetic` part of resu
     "shortest_path_exact_match": ("shortest_path", "exact_match"),
     "shortest_path_valid": ("shortest_path", "valid_shortest_path"),
     "memorization_accuracy": ("memorization", "accuracy"),
+    "memorization_n": ("memorization", "n"),
 }
 PARAM_AXES = (("total_params", "total parameters"), ("active_params", "active parameters"))
 
@@ -160,6 +167,8 @@ def flatten(doc: dict[str, Any]) -> dict[str, Any]:
     synth = doc.get("synthetic") or {}
     for col, (section, key) in SYNTHETIC_FIELDS.items():
         row[col] = _num((synth.get(section) or {}).get(key))
+    if row["memorization_n"] is not None:  # a count: 64, not 64.0, in the CSV and the axes
+        row["memorization_n"] = int(row["memorization_n"])
     return row
 
 
@@ -240,11 +249,12 @@ def _draw(ax, series: dict[str, list[tuple[float, float]]], logx: bool, logy: bo
     for i, name in enumerate(sorted(series, key=_series_sort_key)):
         pts = sorted(series[name])
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        style = (
-            {"color": "black", "marker": "s", "linestyle": "-"}
-            if name == "dense"
-            else {"color": f"C{i % 10}", "marker": "o", "linestyle": "--"}
-        )
+        if name == "dense":
+            style = {"color": "black", "marker": "s", "linestyle": "-"}
+        elif name.startswith("dense"):  # one series per dense model (memorization vs n)
+            style = {"color": f"C{i % 10}", "marker": "s", "linestyle": "-"}
+        else:
+            style = {"color": f"C{i % 10}", "marker": "o", "linestyle": "--"}
         ax.plot(xs, ys, label=name, **style)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -265,12 +275,26 @@ def _draw(ax, series: dict[str, list[tuple[float, float]]], logx: bool, logy: bo
 
 
 def plot_vs_params(
-    rows: Sequence[dict], y: str, ylabel: str, title: str, path: Path, logy: bool = False
+    rows: Sequence[dict],
+    y: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    logy: bool = False,
+    record: list[dict] | None = None,
 ) -> bool:
-    """Two panels: `y` vs total params and vs active params. False if nothing to plot."""
+    """Two panels: `y` vs total params and vs active params. False if nothing to plot.
+
+    `record` (if given) receives one dict per plotted point, for figures.csv.
+    """
     panels = [(_points(rows, x, y), label) for x, label in PARAM_AXES]
     if not any(pts for pts, _ in panels):
         return False
+    if record is not None:
+        for r in rows:
+            for x, _ in PARAM_AXES:
+                if r.get(x) is not None and r.get(y) is not None:
+                    record.append(_point(path.name, series_name(r), r, x, r[x], y, r[y]))
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
@@ -316,13 +340,138 @@ def phonebook_rows(rows: Sequence[dict]) -> list[dict]:
     return list(seen.values())
 
 
+# -- the synthetic grids: seeds averaged, one point per model ---------------------------------
+
+FIGURE_COLUMNS = (
+    "figure",
+    "series",
+    "model",
+    "total_params",
+    "active_params",
+    "x_name",
+    "x",
+    "y_name",
+    "y",
+    "runs",
+)
+
+
+def _point(fig: str, series: str, row: dict, x_name: str, x: Any, y_name: str, y: Any) -> dict:
+    """One row of figures.csv: a plotted point and the model it belongs to."""
+    return {
+        "figure": fig,
+        "series": series,
+        "model": row.get("model"),
+        "total_params": row.get("total_params"),
+        "active_params": row.get("active_params"),
+        "x_name": x_name,
+        "x": x,
+        "y_name": y_name,
+        "y": y,
+        "runs": row.get("runs", 1),
+    }
+
+
+def _row_model(row: dict) -> tuple:
+    return tuple(row.get(k) for k in MODEL_KEY_FIELDS)
+
+
+def seed_means(rows: Sequence[dict], y: str, by: str | None = None) -> list[dict]:
+    """Rows with `y` averaged over the runs of one model (and one value of `by`, e.g. the size n).
+
+    A grid repeats each (model, size) over seeds; a figure shows their mean. Each returned row
+    is the first run's row with `y` replaced by the mean and `runs` set to the count.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get(y) is not None and (by is None or r.get(by) is not None):
+            groups[(_row_model(r), r.get(by) if by else None)].append(r)
+    out = []
+    for members in groups.values():
+        row = dict(members[0])
+        row[y] = sum(m[y] for m in members) / len(members)
+        row["runs"] = len(members)
+        out.append(row)
+    return out
+
+
+def model_label(row: dict) -> str:
+    """`dense_f32 (1.3K total / 1.3K active)`: a model's series name when each model is a line."""
+    from pretrain.model_info import human
+
+    name = row.get("model") or series_name(row)
+    total, active = row.get("total_params"), row.get("active_params")
+    if total is None or active is None:
+        return str(name)
+    prefix = "" if str(name).startswith(row.get("ffn") or "-") else f"{row.get('ffn')} "
+    return f"{prefix}{name} ({human(int(total))} total / {human(int(active))} active)"
+
+
+def memorization_max_rows(rows: Sequence[dict], threshold: float) -> list[dict]:
+    """One row per model with `memorization_max_n`: the largest n whose (seed-mean) accuracy is
+    >= threshold; models that reach it at no n are left out (as for the phone-book)."""
+    best: dict[tuple, dict] = {}
+    for r in seed_means(rows, "memorization_accuracy", by="memorization_n"):
+        if r["memorization_accuracy"] < threshold:
+            continue
+        key = _row_model(r)
+        if key not in best or r["memorization_n"] > best[key]["memorization_max_n"]:
+            best[key] = {**r, "memorization_max_n": r["memorization_n"]}
+    return list(best.values())
+
+
+def plot_memorization_vs_n(rows: Sequence[dict], path: Path, record: list[dict]) -> bool:
+    """Accuracy vs n (log x), one line per model (dense solid, MoE dashed), seeds averaged."""
+    means = seed_means(rows, "memorization_accuracy", by="memorization_n")
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in means:
+        label = model_label(r)
+        series[label].append((r["memorization_n"], r["memorization_accuracy"]))
+        record.append(
+            _point(
+                path.name,
+                label,
+                r,
+                "memorization_n",
+                r["memorization_n"],
+                "memorization_accuracy",
+                r["memorization_accuracy"],
+            )
+        )
+    if not series:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _draw(ax, series, logx=True)
+    ax.set_xlabel("number of sequences n")
+    ax.set_ylabel("train accuracy (memorized fraction)")
+    ax.set_title("memorization: accuracy vs n")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def at_largest(rows: Sequence[dict], y: str, n_col: str | None) -> tuple[list[dict], Any]:
+    """Seed means of `y` per model at the largest `n_col` value present (all rows if None)."""
+    if n_col is None:
+        return seed_means(rows, y), None
+    sizes = [r[n_col] for r in rows if r.get(n_col) is not None and r.get(y) is not None]
+    if not sizes:
+        return [], None
+    n = max(sizes)
+    return seed_means([r for r in rows if r.get(n_col) == n], y), n
+
+
 def make_plots(rows: Sequence[dict], out: Path, threshold: float) -> tuple[list[str], list[str]]:
-    """Write every plot the data allows; returns (PNG names, notes on skipped plots)."""
+    """Write every plot the data allows and figures.csv; returns (PNG names, skip notes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     written: list[str] = []
     notes: list[str] = []
+    record: list[dict] = []  # every point of the synthetic-task figures -> figures.csv
 
     def attempt(ok: bool, name: str, why: str) -> None:
         (written.append(name) if ok else notes.append(f"`{name}` skipped: {why}"))
@@ -349,22 +498,81 @@ def make_plots(rows: Sequence[dict], out: Path, threshold: float) -> tuple[list[
             "phone-book: maximal book size",
             out / name,
             logy=True,
+            record=record,
         ),
         name,
         f"no model reaches phone-book accuracy >= {threshold:g} at any book size "
         "(or no phone-book results)",
     )
-    for col, title, ylabel in (
-        ("shortest_path_valid", "shortest path", "valid shortest-path rate"),
-        ("memorization_accuracy", "memorization", "train accuracy"),
+    # Fig. 4b: shortest-path accuracy (any valid shortest path, and the exact reference path)
+    # per model, mean over the seeds of the grid.
+    for col, ylabel in (
+        ("shortest_path_valid", "valid shortest-path rate"),
+        ("shortest_path_exact_match", "exact-match rate"),
     ):
         name = f"{col}.png"
         attempt(
-            plot_vs_params(rows, col, ylabel, f"{title} vs parameters", out / name),
+            plot_vs_params(
+                seed_means(rows, col),
+                col,
+                ylabel,
+                "shortest path on held-out graphs vs parameters",
+                out / name,
+                record=record,
+            ),
             name,
-            f"no {title} results with parameter counts",
+            "no shortest path results with parameter counts",
         )
+    name = "memorization_vs_n.png"
+    attempt(
+        plot_memorization_vs_n(rows, out / name, record),
+        name,
+        "no memorization results with their n",
+    )
+    name = "memorization_max_n.png"
+    attempt(
+        plot_vs_params(
+            memorization_max_rows(rows, threshold),
+            "memorization_max_n",
+            f"largest n with accuracy >= {threshold:g}",
+            "memorization: maximal n memorized",
+            out / name,
+            logy=True,
+            record=record,
+        ),
+        name,
+        f"no model reaches memorization accuracy >= {threshold:g} at any n "
+        "(or no memorization results with their n)",
+    )
+    mem_rows, mem_n = at_largest(
+        rows,
+        "memorization_accuracy",
+        "memorization_n" if any(r.get("memorization_n") is not None for r in rows) else None,
+    )
+    name = "memorization_accuracy.png"
+    attempt(
+        plot_vs_params(
+            mem_rows,
+            "memorization_accuracy",
+            "train accuracy",
+            "memorization vs parameters" + (f" (n={mem_n:,.0f})" if mem_n else ""),
+            out / name,
+            record=record,
+        ),
+        name,
+        "no memorization results with parameter counts",
+    )
+    write_figures_csv(record, out / "figures.csv")
     return written, notes
+
+
+def write_figures_csv(points: Sequence[dict], path: Path) -> None:
+    """The numbers behind the synthetic-task figures, one row per plotted point."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIGURE_COLUMNS)
+        writer.writeheader()
+        for p in points:
+            writer.writerow({c: _csv_value(p.get(c)) for c in FIGURE_COLUMNS})
 
 
 # -- markdown ---------------------------------------------------------------------------------
@@ -392,6 +600,50 @@ def _md_table(rows: Sequence[dict], cols: Sequence[str]) -> list[str]:
     return lines
 
 
+def _memorization_md(rows: Sequence[dict], threshold: float) -> list[str]:
+    """Accuracy per model (rows) and n (columns), seeds averaged, plus the maximal n."""
+    means = seed_means(rows, "memorization_accuracy", by="memorization_n")
+    if not means:
+        return []
+    sizes = sorted({r["memorization_n"] for r in means})
+    by_model: dict[tuple, dict] = {}
+    for r in means:
+        by_model.setdefault(_row_model(r), {**r, "acc": {}})["acc"][r["memorization_n"]] = r
+    best = {_row_model(r): r["memorization_max_n"] for r in memorization_max_rows(rows, threshold)}
+    head = ["model", "ffn", "num_experts", "total_params", "active_params"]
+    cols = [*head, *(f"n={n:,.0f}" for n in sizes), f"max n (>= {threshold:g})"]
+    lines = ["", "## Memorization", "", "Train accuracy (mean over seeds) per model and n:", ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    order = sorted(by_model.items(), key=lambda kv: (kv[1].get("active_params") or 0, str(kv[0])))
+    for key, r in order:
+        cells = [_fmt(r.get(c), c) for c in head]
+        cells += [
+            f"{r['acc'][n]['memorization_accuracy']:.3f}" if n in r["acc"] else "-" for n in sizes
+        ]
+        cells.append(_fmt(best.get(key), "n"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _shortest_path_md(rows: Sequence[dict]) -> list[str]:
+    """Shortest-path accuracy per model, seeds averaged."""
+    valid = {_row_model(r): r for r in seed_means(rows, "shortest_path_valid")}
+    if not valid:
+        return []
+    exact = {_row_model(r): r for r in seed_means(rows, "shortest_path_exact_match")}
+    cols = ["model", "ffn", "num_experts", "total_params", "active_params"]
+    lines = ["", "## Shortest path", "", "Held-out graphs, mean over seeds:", ""]
+    lines += ["| " + " | ".join([*cols, "valid shortest path", "exact match", "runs"]) + " |"]
+    lines.append("|" + "---|" * (len(cols) + 3))
+    for key, r in sorted(valid.items(), key=lambda kv: kv[1].get("active_params") or 0):
+        em = exact.get(key, {}).get("shortest_path_exact_match")
+        cells = [_fmt(r.get(c), c) for c in cols]
+        cells += [f"{r['shortest_path_valid']:.3f}", "-" if em is None else f"{em:.3f}"]
+        cells.append(str(r["runs"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(
     rows: Sequence[dict],
     plots: Sequence[str],
@@ -405,8 +657,8 @@ def write_markdown(
     lines = [
         "# Mixture of Parrots: results",
         "",
-        f"{len(rows)} checkpoint(s). Full table: `results.csv`. Categories are unweighted means "
-        "of their tasks' primary scores.",
+        f"{len(rows)} checkpoint(s). Full table: `results.csv`; the points of the synthetic-task "
+        "figures: `figures.csv`. Categories are unweighted means of their tasks' primary scores.",
         "",
         *_md_table(rows, cols),
         "",
@@ -423,6 +675,8 @@ def write_markdown(
         )
     else:
         lines.append(f"No model reaches accuracy >= {threshold:g} (or no phone-book results).")
+    lines += _memorization_md(rows, threshold)
+    lines += _shortest_path_md(rows)
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots] or ["No plot could be drawn."]
     if notes:

@@ -145,12 +145,19 @@ def test_partial_results_skip_plots_without_crashing(tmp_path: Path) -> None:
     update_results(bare, {}, "tasks", {"piqa": {"category": "commonsense", "score": 0.6}})
     summary = make_report([tmp_path], tmp_path / "out")
     assert summary["rows"] == 2
-    assert summary["plots"] == ["memorization_accuracy.png"]
+    # The memorization run has its n: accuracy vs n, the maximal n (1.0 >= 0.9 at n=64) and
+    # accuracy vs params at the largest n; nothing else has data.
+    assert summary["plots"] == [
+        "memorization_vs_n.png",
+        "memorization_max_n.png",
+        "memorization_accuracy.png",
+    ]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "`knowledge_vs_params.png` skipped" in md
     assert "`accuracy_vs_perplexity.png` skipped" in md
     rows = _read_csv(tmp_path / "out" / "results.csv")
     assert {r["memorization_accuracy"] for r in rows} == {"1.0", ""}
+    assert {r["memorization_n"] for r in rows} == {"64", ""}
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad_json", "bad_schema"])
@@ -165,3 +172,112 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys, case: str) -> Non
     assert main([str(target), "--out", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# -- the synthetic grids of slurm/grid.py: seeds averaged, figures.csv ------------------------
+
+MEM_N = (1024, 4096, 16384)
+# accuracy per (model, n, seed): dense forgets as n grows, MoE (same active) holds on longer.
+MEM_ACC = {
+    ("dense", 1024): (1.0, 0.98),
+    ("dense", 4096): (0.92, 0.90),
+    ("dense", 16384): (0.74, 0.70),
+    ("moe", 1024): (1.0, 1.0),
+    ("moe", 4096): (0.998, 0.996),
+    ("moe", 16384): (0.96, 0.94),
+}
+
+
+def _mem_header(run: Path, ffn: str) -> dict:
+    moe = ffn == "moe"
+    head = _header(run, 300, ffn, 16, 9000.0 if moe else 1300.0, 1400.0 if moe else 1300.0)
+    head["model"]["name"] = "moe_e16_f16" if moe else "dense_f32"
+    head["model"]["num_experts"] = 16 if moe else None
+    return head
+
+
+def make_synthetic_grid(root: Path) -> Path:
+    """A memorization grid (2 models x 3 n x 2 seeds) and a shortest-path grid (3 models x 2
+    seeds), laid out as slurm/grid.py names them."""
+    for (ffn, n), accs in MEM_ACC.items():
+        for seed, acc in enumerate(accs):
+            run = root / "runs" / f"{ffn}-n{n}-s{seed}"
+            section = {"memorization": {"accuracy": acc, "n": n}}
+            update_results(run, _mem_header(run, ffn), "synthetic", section)
+    for name, ffn, total, active, valid in (
+        ("dense_d32", "dense", 2e4, 2e4, (0.40, 0.50)),
+        ("moe_d32_e8", "moe", 6e4, 2.2e4, (0.44, 0.46)),
+        ("dense_d64", "dense", 7e4, 7e4, (0.80, 0.70)),
+    ):
+        for seed, v in enumerate(valid):
+            run = root / "runs" / f"{name}-n5000-s{seed}"
+            head = _header(run, 1000, ffn, 32 if "32" in name else 64, total, active)
+            head["model"]["name"] = name
+            section = {"shortest_path": {"exact_match": v - 0.1, "valid_shortest_path": v}}
+            update_results(run / "checkpoints" / "step_00001000", head, "synthetic", section)
+    return root
+
+
+def test_synthetic_grid_figures_and_their_numbers(tmp_path: Path) -> None:
+    grid = make_synthetic_grid(tmp_path / "grid")
+    out = tmp_path / "report"
+    assert main([str(grid), "--out", str(out), "--threshold", "0.9"]) == 0
+    for name in (
+        "memorization_vs_n.png",
+        "memorization_max_n.png",
+        "memorization_accuracy.png",
+        "shortest_path_valid.png",
+        "shortest_path_exact_match.png",
+    ):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and 5000 < len(data) < 200_000, name
+    points = _read_csv(out / "figures.csv")
+
+    def pts(fig: str) -> dict[tuple[str, str], float]:
+        return {(p["series"], p["x"]): float(p["y"]) for p in points if p["figure"] == fig}
+
+    vs_n = pts("memorization_vs_n.png")
+    assert len(vs_n) == 6  # 2 models x 3 n, each the mean of its 2 seeds
+    dense = next(s for s, _ in vs_n if s.startswith("dense_f32"))
+    moe = next(s for s, _ in vs_n if s.startswith("moe_e16_f16"))
+    assert moe.endswith("(9.00K total / 1.40K active)")
+    assert dense.endswith("(1.30K total / 1.30K active)")
+    assert vs_n[(dense, "4096")] == pytest.approx(0.91)
+    assert vs_n[(moe, "16384")] == pytest.approx(0.95)
+    assert {p["runs"] for p in points if p["figure"] == "memorization_vs_n.png"} == {"2"}
+
+    # Largest n at >= 0.9 (seed means): dense 4096 (0.91), MoE 16384 (0.95), on both axes.
+    max_n = [p for p in points if p["figure"] == "memorization_max_n.png"]
+    assert {(p["series"], p["x_name"], p["y"]) for p in max_n} == {
+        ("dense", "total_params", "4096"),
+        ("dense", "active_params", "4096"),
+        ("MoE (16 experts)", "total_params", "16384"),
+        ("MoE (16 experts)", "active_params", "16384"),
+    }
+    at_largest = pts("memorization_accuracy.png")
+    assert at_largest[("dense", "1300")] == pytest.approx(0.72)
+
+    sp = {
+        (p["model"], p["x_name"]): (float(p["y"]), p["runs"])
+        for p in points
+        if p["figure"] == "shortest_path_valid.png"
+    }
+    assert sp[("dense_d32", "active_params")] == (pytest.approx(0.45), "2")
+    assert sp[("moe_d32_e8", "total_params")] == (pytest.approx(0.45), "2")
+    assert sp[("dense_d64", "total_params")] == (pytest.approx(0.75), "2")
+    em = [p for p in points if p["figure"] == "shortest_path_exact_match.png"]
+    assert {p["model"]: round(float(p["y"]), 6) for p in em}["dense_d64"] == 0.65
+
+    md = (out / "report.md").read_text()
+    assert "## Memorization" in md and "| n=1,024 | n=4,096 | n=16,384 | max n (>= 0.9) |" in md
+    dense_line = next(line for line in md.splitlines() if line.startswith("| dense_f32 |"))
+    assert "| 0.990 | 0.910 | 0.720 | 4,096 |" in dense_line
+    assert "## Shortest path" in md and "| dense_d64 |" in md
+
+
+def test_grid_threshold_moves_the_maximal_n(tmp_path: Path) -> None:
+    grid = make_synthetic_grid(tmp_path / "grid")
+    make_report([grid], tmp_path / "r", threshold=0.995)
+    max_n = [p for p in _read_csv(tmp_path / "r" / "figures.csv") if "max_n" in p["figure"]]
+    # Only the MoE keeps >= 0.995 (mean of 0.998 and 0.996 at n=4096); dense (0.99 at best) never.
+    assert {(p["series"], p["y"]) for p in max_n} == {("MoE (16 experts)", "4096")}
