@@ -7,6 +7,9 @@
         one training job per model config (slurm/train.sbatch), each requeueing itself;
         run_dir=<--runs-dir>/<model name>; every job's config is validated before anything is
         submitted; with --eval, an evaluation job per run once its training has finished
+    python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml [--local]
+        a grid of synthetic-task runs (slurm/grid.py): --local runs them here one by one
+        (a rerun skips finished runs); otherwise data array -> run array -> report job
     python -m slurm.submit eval runs/moe_d512_e8 runs/dense_d512 [--suite all]
             [--eval-arg=--limit=500] [--after JOB]
         one evaluation job per run or checkpoint (slurm/eval.sbatch)
@@ -171,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("config")
     d.add_argument("--tasks", type=int, default=16, help="array size of the tokenize job")
     d.add_argument("overrides", nargs="*", metavar="key=value")
-    s = sp.add_parser("sweep", help="one training job per model config")
-    s.add_argument("config", help="training recipe YAML")
-    s.add_argument("--models", nargs="+", required=True)
+    s = sp.add_parser("sweep", help="one training job per model config, or a --grid")
+    s.add_argument("config", nargs="?", help="training recipe YAML (not with --grid)")
+    s.add_argument("--models", nargs="+")
+    s.add_argument("--grid", help="a grid YAML (configs/reproduce/*.yaml): see slurm/grid.py")
+    s.add_argument("--local", action="store_true", help="with --grid: run here, one by one")
     s.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
     s.add_argument(
         "--runs-dir",
@@ -203,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         submit_data(sub, args.config, args.tasks, args.overrides)
     elif args.cmd == "eval":
         submit_eval(sub, args.checkpoints, args.suite, args.eval_arg, args.after)
+    elif args.grid or args.local:
+        from slurm.grid import sweep_grid
+
+        sweep_grid(sub, args, args.config or args.models or args.overrides or args.eval)
     else:
+        if not args.config or not args.models:
+            raise UserError("sweep needs a training config and --models (or --grid GRID)")
         if args.eval:
             from eval.suites import parse_suites
 
