@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
 
 from mop.errors import ConfigError, cli_entry
 
@@ -38,46 +41,93 @@ def _count(text: str, flag: str) -> int:
     return int(value)
 
 
-def _common(p: argparse.ArgumentParser, size_help: str) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
-    # Kept as text and parsed in the handler: a bad value then gets a one-line error.
-    p.add_argument("--size", required=True, metavar="N", help=size_help)
-    p.add_argument("--seed", default="0", metavar="S", help="random seed (default 0)")
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be a number, got {text!r}") from None
 
 
-def _text_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--num-test",
-        default="1000",
-        metavar="K",
-        help="test examples (default 1000)",
+def _seed(text: str, flag: str) -> int:
+    seed = _count(text, flag)
+    if seed < 0:
+        raise ConfigError(f"{flag} must be >= 0, got {seed}")
+    return seed
+
+
+@dataclass(frozen=True)
+class _Arg:
+    """One option: its flag names the task config's field (--num-test -> num_test). Values
+    stay text in argparse and are parsed by `parse` in the handler, so that a bad value is
+    one `error:` line rather than argparse's usage dump."""
+
+    flag: str
+    default: str | None
+    metavar: str
+    help: str
+    parse: Callable[[str, str], int | float] = _count
+
+    @property
+    def field(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    def value(self, args: argparse.Namespace) -> int | float | None:
+        text = getattr(args, self.field)
+        return None if text is None else self.parse(text, self.flag)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A generator: its sub-command's texts, its own options, and where its code lives
+    (imported only when that task runs)."""
+
+    help: str
+    description: str
+    size_help: str
+    args: tuple[_Arg, ...]
+    module: str
+    config: str  # the config class's name in `module`
+    write: str  # write_<task>(out_dir, config) -> manifest
+
+    def build_config(self, args: argparse.Namespace) -> Any:
+        values = {a.field: a.value(args) for a in (*_common_args(self.size_help), *self.args)}
+        return getattr(import_module(self.module), self.config)(**values)
+
+
+def _common_args(size_help: str) -> tuple[_Arg, ...]:
+    """--size and --seed: every generator takes them (--out is the output, not config)."""
+    return (
+        _Arg("--size", None, "N", size_help),
+        _Arg("--seed", "0", "S", "random seed (default 0)", _seed),
     )
-    p.add_argument(
+
+
+# The token-shard writers' options: phone-book and shortest path write text tasks.
+_TEXT_ARGS = (
+    _Arg("--num-test", "1000", "K", "test examples (default 1000)"),
+    _Arg(
         "--shard-tokens",
-        default="50_000_000",
-        metavar="T",
-        help="start a new shard before one would exceed T tokens (default 5e7)",
-    )
+        "50_000_000",
+        "T",
+        "start a new shard before one would exceed T tokens (default 5e7)",
+    ),
+)
 
-
-def _add_task_parsers(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
-    pb = sub.add_parser(
-        "phonebook",
+TASKS: dict[str, _Task] = {
+    "phonebook": _Task(
         help="unique 5-letter names -> unique 8-digit numbers",
         description=(
             "Phone book: SIZE entries 'abcde: 01234567', one per training document;\n"
             "the test set is --num-test entries of the book, prompt 'abcde:' and\n"
             "answer ' 01234567'. SIZE <= 26^5 = 11,881,376 (the paper: 1e5 to 3e6)."
         ),
-        formatter_class=fmt,
-    )
-    _common(pb, "entries in the book, e.g. 1e5 .. 3e6")
-    _text_common(pb)
-    pb.set_defaults(func=run, task="phonebook")
-
-    sp = sub.add_parser(
-        "shortest-path",
+        size_help="entries in the book, e.g. 1e5 .. 3e6",
+        args=_TEXT_ARGS,
+        module="data_prep.synthetic.phonebook",
+        config="PhonebookConfig",
+        write="write_phonebook",
+    ),
+    "shortest-path": _Task(
         help="edge list + query -> a shortest path in a random graph",
         description=(
             "Shortest path in G(n, p): prompt '0-5 0-7 ... | 3>17 =', answer ' 3 9 17'\n"
@@ -86,42 +136,66 @@ def _add_task_parsers(sub: argparse._SubParsersAction) -> None:
             "--target-length, unless --edge-prob is given. The paper: n in 25..55,\n"
             "1e6 train, 1e3 test. With n < ~29 a mean of 3.5 is out of reach."
         ),
-        formatter_class=fmt,
-    )
-    _common(sp, "training examples, e.g. 1e6")
-    _text_common(sp)
-    sp.add_argument("--nodes", default="30", metavar="n", help="nodes per graph (default 30)")
-    sp.add_argument(
-        "--edge-prob", default=None, metavar="P", help="edge probability (default: calibrated)"
-    )
-    sp.add_argument(
-        "--target-length",
-        default="3.5",
-        metavar="L",
-        help="mean shortest-path length (edges) that calibration aims at (default 3.5)",
-    )
-    sp.add_argument("--calib-seed", default="0", metavar="S", help="calibration seed (default 0)")
-    sp.add_argument(
-        "--calib-graphs",
-        default="2000",
-        metavar="G",
-        help="Monte-Carlo graphs per calibration estimate (default 2000)",
-    )
-    sp.set_defaults(func=run, task="shortest-path")
-
-    mem = sub.add_parser(
-        "memorization",
+        size_help="training examples, e.g. 1e6",
+        args=(
+            *_TEXT_ARGS,
+            _Arg("--nodes", "30", "n", "nodes per graph (default 30)"),
+            _Arg("--edge-prob", None, "P", "edge probability (default: calibrated)", _float),
+            _Arg(
+                "--target-length",
+                "3.5",
+                "L",
+                "mean shortest-path length (edges) that calibration aims at (default 3.5)",
+                _float,
+            ),
+            _Arg("--calib-seed", "0", "S", "calibration seed (default 0)"),
+            _Arg(
+                "--calib-graphs",
+                "2000",
+                "G",
+                "Monte-Carlo graphs per calibration estimate (default 2000)",
+            ),
+        ),
+        module="data_prep.synthetic.shortest_path",
+        config="ShortestPathConfig",
+        write="write_shortest_path",
+    ),
+    "memorization": _Task(
         help="Gaussian sequences with random +-1 labels (tensors)",
         description=(
             "Memorization: X [SIZE, N, m] float32 N(0, 1), y [SIZE] int8 uniform on\n"
             "{-1, +1}, saved as train_x.npy / train_y.npy. Test = the training set."
         ),
-        formatter_class=fmt,
-    )
-    _common(mem, "number of sequences n")
-    mem.add_argument("--seq-len", default="16", metavar="N", help="vectors per sequence (16)")
-    mem.add_argument("--dim", default="32", metavar="m", help="vector dimension (default 32)")
-    mem.set_defaults(func=run, task="memorization")
+        size_help="number of sequences n",
+        args=(
+            _Arg("--seq-len", "16", "N", "vectors per sequence (16)"),
+            _Arg("--dim", "32", "m", "vector dimension (default 32)"),
+        ),
+        module="data_prep.synthetic.memorization",
+        config="MemorizationConfig",
+        write="write_memorization",
+    ),
+}
+
+
+def _add_task_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, task in TASKS.items():
+        p = sub.add_parser(
+            name,
+            help=task.help,
+            description=task.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+        for arg in (*_common_args(task.size_help), *task.args):
+            p.add_argument(
+                arg.flag,
+                required=arg.flag == "--size",
+                default=arg.default,
+                metavar=arg.metavar,
+                help=arg.help,
+            )
+        p.set_defaults(func=run, task=name)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -136,56 +210,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _float(text: str, flag: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{flag} must be a number, got {text!r}") from None
-
-
 @cli_entry
 def run(args: argparse.Namespace) -> int:
     """Handler of `synthetic <task>`: parse values, build the task config, generate."""
-    size, seed = _count(args.size, "--size"), _count(args.seed, "--seed")
-    if seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {seed}")
-    if args.task == "phonebook":
-        from data_prep.synthetic.phonebook import PhonebookConfig, write_phonebook
-
-        cfg = PhonebookConfig(
-            size=size,
-            seed=seed,
-            num_test=_count(args.num_test, "--num-test"),
-            shard_tokens=_count(args.shard_tokens, "--shard-tokens"),
-        )
-        manifest = write_phonebook(args.out, cfg)
-    elif args.task == "shortest-path":
-        from data_prep.synthetic.shortest_path import ShortestPathConfig, write_shortest_path
-
-        cfg = ShortestPathConfig(
-            size=size,
-            seed=seed,
-            num_test=_count(args.num_test, "--num-test"),
-            nodes=_count(args.nodes, "--nodes"),
-            edge_prob=None if args.edge_prob is None else _float(args.edge_prob, "--edge-prob"),
-            target_length=_float(args.target_length, "--target-length"),
-            calib_seed=_count(args.calib_seed, "--calib-seed"),
-            calib_graphs=_count(args.calib_graphs, "--calib-graphs"),
-            shard_tokens=_count(args.shard_tokens, "--shard-tokens"),
-        )
-        manifest = write_shortest_path(args.out, cfg)
-    elif args.task == "memorization":
-        from data_prep.synthetic.memorization import MemorizationConfig, write_memorization
-
-        cfg = MemorizationConfig(
-            size=size,
-            seed=seed,
-            seq_len=_count(args.seq_len, "--seq-len"),
-            dim=_count(args.dim, "--dim"),
-        )
-        manifest = write_memorization(args.out, cfg)
-    else:  # argparse only offers the three above
-        raise ConfigError(f"unknown synthetic task {args.task!r}")
+    task = TASKS[args.task]  # argparse only offers these
+    cfg = task.build_config(args)
+    manifest = getattr(import_module(task.module), task.write)(args.out, cfg)
     _summary(args.out, manifest)
     return 0
 
