@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -421,8 +421,20 @@ def test_dry_run_prints_resolved_config(tmp_path, raw):
     assert yaml.safe_load(proc.stdout)["workers"] == 3
 
 
-def test_files_compare_helper_sanity(reference):
-    # guards the comparison used above: it must see the shards
+def test_files_compare_helper_sanity(reference, tmp_path):
+    # Guards the comparison used above: it sees the shards, so one flipped byte or one missing
+    # shard makes two outputs differ, and it ignores what is not data (logs).
     files = data_files(reference)
     assert any(k.endswith(".bin") for k in files) and "manifest.json" in files
-    assert filecmp.cmp(reference / "manifest.json", reference / "manifest.json")
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    assert data_files(copy) == files
+    (copy / "run.log").write_text("not data")
+    assert data_files(copy) == files
+    shard = copy / next(k for k in files if k.endswith(".bin"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert data_files(copy) != files
+    shard.unlink()
+    assert data_files(copy) != files
