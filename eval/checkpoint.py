@@ -6,9 +6,14 @@
   `latest_complete` pointer names;
 - a checkpoint directory (the one holding `latest_complete`): the same;
 - one save, `<checkpoints>/step_XXXXXXXX`: accepted only if the pointer covers it (a save newer
-  than the pointer was killed midway, see pretrain/checkpoint.py) and its files are there;
+  than the pointer was killed midway, see pretrain/checkpoint.py);
 - an HF export (config.json + *.safetensors, pretrain/model/hf_export.py), with its tokenizer
   files written by `export_tokenizer` (or a `--data-dir`).
+
+Every save is checked as training checks it before a resume (pretrain.checkpoint.check_save:
+each recorded file present with its size; the files eval reads also by checksum, not the
+optimizer partitions of a ZeRO 1/2 save, which it never opens): a damaged save is refused in one
+line (exit 66). A save from before records existed is loaded as before, with a note.
 
 The model config is the one the save itself carries (client state `mop.config_yaml`), so a run
 resumed later with other overrides still evaluates each save with its own config. The tokenizer
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +35,16 @@ import yaml
 
 from data_prep.tokenizer import META_FILE, TextTokenizer, load_tokenizer_dir
 from mop.config import validate
-from mop.errors import DataError
+from mop.errors import DamagedStateError, DataError
 from mop.fileio import read_json
-from pretrain.checkpoint import POINTER, optim_partition_files, read_pointer
+from pretrain.checkpoint import (
+    POINTER,
+    check_save,
+    is_tag,
+    optim_partition_files,
+    read_pointer,
+    step_of,
+)
 from pretrain.config import REPO_ROOT, TrainConfig
 from pretrain.model.accounting import model_size
 from pretrain.model.config import ModelConfig
@@ -40,7 +53,6 @@ from pretrain.model.transformer import Transformer, build_model
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 1/2: full weights under "module"
 ZERO3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO 3: weights are partitioned
 SOURCE_FILE = "mop_source.json"  # written by eval/export.py: the step an HF export came from
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
@@ -95,13 +107,6 @@ def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _step_of(tag: str) -> int:
-    m = _STEP_DIR.match(tag)
-    if m is None:
-        raise DataError(f"checkpoint tag {tag!r} is not of the form step_XXXXXXXX")
-    return int(m.group(1))
-
-
 def _checkpoint_dir_of_run(run_dir: Path) -> Path:
     """A run's checkpoint directory: checkpoint.dir of its config, else <run>/checkpoints."""
     cfg_file = run_dir / "config.yaml"
@@ -134,17 +139,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         return CheckpointRef(
             kind="hf", path=p, run_dir=Path(run) if run else None, step=src.get("step")
         )
-    if _STEP_DIR.match(p.name):
+    if is_tag(p.name):
         ckpt_dir, tag = p.parent, p.name
-        pointed = read_pointer(ckpt_dir)
-        if pointed is None or _step_of(tag) > _step_of(pointed):
+        pointed = _pointed(ckpt_dir)
+        if pointed is None or step_of(tag) > step_of(pointed):
             raise DataError(
                 f"checkpoint {p} is not complete: the {POINTER} pointer of {ckpt_dir} names "
                 f"{pointed or 'nothing'} (a save newer than the pointer was interrupted)"
             )
     else:
         ckpt_dir = p if (p / POINTER).exists() else _checkpoint_dir_of_run(p)
-        tag = read_pointer(ckpt_dir)
+        tag = _pointed(ckpt_dir)
         if tag is None:
             raise DataError(
                 f"no complete checkpoint under {p}: {ckpt_dir / POINTER} is missing or empty "
@@ -153,14 +158,37 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
     step_dir = ckpt_dir / tag
     _check_files(step_dir)
     return CheckpointRef(
-        kind="deepspeed", path=step_dir, run_dir=_run_dir_of(ckpt_dir), step=_step_of(tag)
+        kind="deepspeed", path=step_dir, run_dir=_run_dir_of(ckpt_dir), step=step_of(tag)
     )
+
+
+def _pointed(ckpt_dir: Path) -> str | None:
+    """The pointer's tag; a pointer holding anything else is damage, reported as such."""
+    tag = read_pointer(ckpt_dir)
+    if tag is not None and not is_tag(tag):
+        raise DamagedStateError(
+            f"checkpoint pointer {ckpt_dir / POINTER} is damaged: it holds {tag[:40]!r}, not a "
+            "step tag (a resume of the run moves it aside)"
+        )
+    return tag
+
+
+def _read_by_eval(name: str) -> bool:
+    # ZeRO 1/2 optimizer partitions are only read for ZeRO 3 weights (no MODEL_STATES).
+    return not name.endswith("optim_states.pt")
 
 
 def _check_files(step_dir: Path) -> None:
     if not step_dir.is_dir():
-        raise DataError(f"checkpoint {step_dir} does not exist (the pointer names it)")
-    if not (step_dir / MODEL_STATES).is_file() and not (step_dir / ZERO3_STATES).is_file():
+        raise DamagedStateError(f"checkpoint {step_dir} does not exist (the pointer names it)")
+    zero3 = not (step_dir / MODEL_STATES).is_file()
+    if not check_save(step_dir, checksum=None if zero3 else _read_by_eval):
+        print(
+            f"note: checkpoint {step_dir} has no integrity record (saved before saves were "
+            "recorded): loading it unchecked",
+            file=sys.stderr,
+        )
+    if zero3 and not (step_dir / ZERO3_STATES).is_file():
         raise DataError(
             f"checkpoint {step_dir} is incomplete: neither {MODEL_STATES} nor {ZERO3_STATES}"
         )

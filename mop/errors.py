@@ -26,6 +26,16 @@ class DataError(UserError):
     exit_code = 3
 
 
+class DamagedStateError(DataError):
+    """Saved state (a checkpoint) is damaged and nothing intact is left to fall back on.
+
+    Exit 66 (EX_NOINPUT): distinct from a bad input (2, 3), a non-finite loss (65) and the
+    requeue code (75), so slurm/train.sbatch does not requeue a job that would fail the same
+    way on every restart."""
+
+    exit_code = 66
+
+
 def cli_entry(main: F) -> F:
     """Wrap a CLI main(): UserError -> `error: ...` on stderr and its exit code."""
 

@@ -3,7 +3,8 @@
 Works in one CPU process, under torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
 LOCAL_RANK) and under srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). `--dry-run` prints the
 resolved config, the derived sizes and the DeepSpeed config, and touches no device.
-Exit codes: see pretrain/trainer.py (0 done, 75 (EX_TEMPFAIL) requeue after a stop signal, 65 non-finite).
+Exit codes: see pretrain/trainer.py (0 done, 75 (EX_TEMPFAIL) requeue after a stop signal, 65
+non-finite, 66 every checkpoint damaged).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
     from pretrain.parallel import build_mpu, init_process_groups, parallelize
     from pretrain.schedule import lr_multiplier
     from pretrain.trainer import (
+        CheckpointCallback,
         EvalCallback,
         LoggingCallback,
         Trainer,
@@ -130,6 +132,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
     trainer.callbacks = [
         LoggingCallback(logger, cfg, flops_per_token(cfg)),
         EvalCallback(logger, cfg),
+        CheckpointCallback(cfg),  # last: a save sees the step's logging and eval done
     ]
     if de.rank == 0:
         where = f"resumed from {tag} (step {trainer.state.step})" if tag else "fresh start"

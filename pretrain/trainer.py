@@ -9,6 +9,8 @@ Exit codes (also returned by `python -m pretrain`):
 - NONFINITE_EXIT_CODE = 65: `max_nonfinite_in_a_row` consecutive steps had a non-finite loss or
   gradient. Nothing is saved after the first of them, so the newest checkpoint is the last good
   one; lower the lr or inspect the data before resuming.
+- 66 (mop.errors.DamagedStateError): resume found every checkpoint damaged (each one moved
+  aside as step_X.damaged-N, pretrain/checkpoint.py); not requeued.
 
 A step with a non-finite loss or gradient makes no optimizer update (DeepSpeed's ZeRO optimizer
 skips it and leaves the lr schedule where it was); its samples are consumed, and it is counted
@@ -146,7 +148,8 @@ def keep_stage0_grad_norm(engine) -> None:
 
 class Callback:
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
-        """Called on every rank after each step (collectives are allowed)."""
+        """Called on every rank after each step (collectives are allowed). `trainer.stopping`
+        says whether this is the last step before a requeue (a stop signal arrived)."""
 
 
 class Trainer:
@@ -165,6 +168,7 @@ class Trainer:
         self.sizes, self.mesh, self.tokenizer_sha256 = sizes, mesh, tokenizer_sha256
         self.callbacks = callbacks
         self.state = TrainState()
+        self.stopping = False  # all ranks agreed to stop after this step (stop signal)
 
     # Signals ----------------------------------------------------------------------------------
     @property
@@ -192,28 +196,23 @@ class Trainer:
             }
         }
 
+    @property
+    def checkpoint_target(self) -> checkpoint.Target:
+        return checkpoint.Target(self.engine, self.mesh, self.cfg.checkpoint_dir)
+
     def save(self) -> None:
+        """Save the current step (collective); when is CheckpointCallback's choice."""
         checkpoint.save(
-            self.engine,
-            self.cfg.checkpoint_dir,
+            self.checkpoint_target,
             self.state.step,
             self.client_state(),
-            self.mesh.rank,
             self.cfg.checkpoint.keep_last,
-            # Expert weights are replicated over tp: tp rank 0 writes the shard file.
-            (self.mesh.ep_rank, self.mesh.expert_dp_rank)
-            if self.mesh.ep > 1 and self.mesh.tp_rank == 0
-            else None,
-            {"dp": self.mesh.dp, "tp": self.mesh.tp, "ep": self.mesh.ep},
         )
 
     def resume(self) -> str | None:
         if self.cfg.checkpoint.resume == "never":
             return None
-        m = self.mesh
-        loaded = checkpoint.load(
-            self.engine, self.cfg.checkpoint_dir, m.rank, m.dp, m.tp_rank, m.ep, m.ep_rank
-        )
+        loaded = checkpoint.load(self.checkpoint_target)
         if loaded is None:
             return None
         cs = loaded.client_state["mop"]
@@ -284,6 +283,7 @@ class Trainer:
             else:
                 st.skipped_steps += 1
                 st.nonfinite_in_a_row += 1
+            self.stopping = self._stop_agreed()
             for cb in self.callbacks:
                 cb.on_step_end(self, result)
             if st.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
@@ -294,15 +294,9 @@ class Trainer:
                         flush=True,
                     )
                 return NONFINITE_EXIT_CODE
-            stop = self._stop_agreed()
-            # No save while the last step was skipped: the newest checkpoint stays a good one.
-            if result.applied and (
-                stop or st.step % cfg.checkpoint.interval == 0 or st.step == cfg.max_steps
-            ):
-                self.save()
-            if stop:
+            if self.stopping:
                 if self.mesh.rank == 0:
-                    print(f"[train] stop signal: saved step {st.step}, exit {REQUEUE_EXIT_CODE}")
+                    print(f"[train] stop signal after step {st.step}: exit {REQUEUE_EXIT_CODE}")
                 return REQUEUE_EXIT_CODE
         return 0
 
@@ -359,6 +353,21 @@ class LoggingCallback(Callback):
             values.update(expert_load(result.expert_stats))
         self.logger.log(st.step, values)
         self._seconds, self._steps = 0.0, 0
+
+
+class CheckpointCallback(Callback):
+    """When to save: every `checkpoint.interval` steps, at `max_steps`, and before a requeue
+    (stop signal); never right after a skipped (non-finite) step, so the newest save stays a
+    good one. How many to keep (`keep_last`) is applied by each save."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.interval, self.max_steps = cfg.checkpoint.interval, cfg.max_steps
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        step = trainer.state.step
+        due = trainer.stopping or step % self.interval == 0 or step == self.max_steps
+        if result.applied and due:
+            trainer.save()
 
 
 class EvalCallback(Callback):

@@ -12,7 +12,8 @@ from data_prep.manifest import load_manifest, write_manifest
 from data_prep.tokenizer import train_bpe
 from eval.checkpoint import MODEL_STATES, load_for_eval, resolve_checkpoint
 from eval.export import export_loaded
-from mop.errors import DataError
+from mop.errors import DamagedStateError, DataError
+from pretrain.checkpoint_record import RECORD
 
 from .conftest import corpus, train_tiny
 
@@ -61,14 +62,21 @@ def test_refuses_missing_unpointed_and_incomplete_checkpoints(run_copy, tmp_path
     shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000006")
     with pytest.raises(DataError, match="not complete"):
         resolve_checkpoint(ckpts / "step_00000006")
-    # The pointed-at save lost its model file.
+    # The pointed-at save lost its model file: its integrity record says so.
     (ckpts / "step_00000004" / MODEL_STATES).unlink()
-    with pytest.raises(DataError, match="incomplete"):
+    with pytest.raises(DamagedStateError, match=f"damaged: missing file {MODEL_STATES}"):
         resolve_checkpoint(run_copy)
     # A truncated model file is reported, not a pickle traceback.
     (ckpts / "step_00000002" / MODEL_STATES).write_bytes(b"PK\x03\x04half")
+    with pytest.raises(DamagedStateError, match=f"damaged: size mismatch in {MODEL_STATES}"):
+        load_for_eval(ckpts / "step_00000002")
+    # A save from before integrity records: the files themselves are checked, as before.
+    (ckpts / "step_00000002" / RECORD).unlink()
     with pytest.raises(DataError, match="half-written or corrupted"):
         load_for_eval(ckpts / "step_00000002")
+    (ckpts / "step_00000004" / RECORD).unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        resolve_checkpoint(run_copy)
     (ckpts / "latest_complete").unlink()
     with pytest.raises(DataError, match="no complete checkpoint"):
         resolve_checkpoint(run_copy)

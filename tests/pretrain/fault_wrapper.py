@@ -2,6 +2,11 @@
 
 MOP_TEST_KILL_AT_STEP=k          SIGKILL itself before step k+1 (after k completed steps)
 MOP_TEST_KILL_IN_SAVE_STEP=k     during the save of step k: half-write a file, then SIGKILL
+MOP_TEST_KILL_IN_SAVE_AT=phase   with MOP_TEST_KILL_IN_SAVE_STEP: SIGKILL at a later point of
+                                 that save instead: `record` (files written, before this rank
+                                 records its share), `merge` (before rank 0 merges the record),
+                                 `pointer` (record written, before the pointer moves)
+MOP_TEST_KILL_RANK=r             kill faults only on rank r (default: every rank)
 MOP_TEST_SIGTERM_AT_STEP=k       send itself SIGTERM while step k+1 runs
 MOP_TEST_NAN_STEPS=a,b,...       the loss of steps a, b (0-based attempted steps) becomes NaN
 """
@@ -14,7 +19,7 @@ import sys
 
 from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
 
-from pretrain import trainer
+from pretrain import checkpoint, checkpoint_record, trainer
 from pretrain.__main__ import main
 
 
@@ -25,6 +30,8 @@ def _int_env(name: str) -> int | None:
 
 KILL_AT = _int_env("MOP_TEST_KILL_AT_STEP")
 KILL_IN_SAVE = _int_env("MOP_TEST_KILL_IN_SAVE_STEP")
+KILL_IN_SAVE_AT = os.environ.get("MOP_TEST_KILL_IN_SAVE_AT", "files")
+KILL_RANK = _int_env("MOP_TEST_KILL_RANK")
 SIGTERM_AT = _int_env("MOP_TEST_SIGTERM_AT_STEP")
 NAN_STEPS = {int(s) for s in os.environ.get("MOP_TEST_NAN_STEPS", "").split(",") if s}
 CURRENT = {"step": -1}
@@ -54,14 +61,41 @@ def lm_loss(logits, targets):
 _save = torch_checkpoint_engine.TorchCheckpointEngine.save
 
 
+def _killing(phase: str, path) -> bool:
+    if KILL_IN_SAVE is None or phase != KILL_IN_SAVE_AT:
+        return False
+    if KILL_RANK is not None and int(os.environ.get("RANK", "0")) != KILL_RANK:
+        return False
+    return f"step_{KILL_IN_SAVE:08d}" in str(path)
+
+
 def save(self, state_dict, path):
-    if KILL_IN_SAVE is not None and f"step_{KILL_IN_SAVE:08d}" in str(path):
+    if _killing("files", path):
         with open(path, "wb") as fh:
             fh.write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
     return _save(self, state_dict, path)
 
 
+def _kill_before(phase: str, fn):
+    def wrapped(tag_dir, *args):
+        if _killing(phase, tag_dir):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(tag_dir, *args)
+
+    return wrapped
+
+
+def _move_pointer(ckpt_dir, tag):
+    if _killing("pointer", f"{ckpt_dir}/{tag}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _move_pointer_real(ckpt_dir, tag)
+
+
+_move_pointer_real = checkpoint._move_pointer
+checkpoint_record.write_part = _kill_before("record", checkpoint_record.write_part)
+checkpoint_record.merge_parts = _kill_before("merge", checkpoint_record.merge_parts)
+checkpoint._move_pointer = _move_pointer
 trainer.Trainer.train_step = train_step
 trainer.lm_loss = lm_loss
 torch_checkpoint_engine.TorchCheckpointEngine.save = save
