@@ -9,20 +9,26 @@ non-finite, 66 every checkpoint damaged).
 
 from __future__ import annotations
 
+import sys
+
 from pretrain.stop import install_stop_handlers
 
 if __name__ == "__main__":
     install_stop_handlers()  # before the imports below (torch): a stop signal is a requeue
+    from pretrain.console import announce_start
+
+    announce_start(sys.argv[1:])  # the imports below take seconds: say so first
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
 from mop.config import load_config, to_yaml
 from mop.errors import cli_entry
 from pretrain.config import TrainConfig, derived_sizes, resolve_precision
+from pretrain.console import Console, filter_known_chatter, model_label, quiet_third_party
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.launch import dist_env, init_distributed, prepare_env
 from pretrain.parallel import build_mesh
@@ -46,8 +52,12 @@ def param_groups(model) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
+def train(
+    cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool, console: Console, model_name: str
+) -> int:
     prepare_env(de, cuda)  # before deepspeed is imported: DS_ACCELERATOR=cpu without CUDA
+    console.phase("importing DeepSpeed")
+    quiet_third_party()
     import deepspeed
     import numpy as np
     import torch
@@ -70,10 +80,21 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
 
     # Data problems (missing directory, another tokenizer) fail before any process group
     # or device memory is set up.
+    console.phase(f"reading the data manifest of {cfg.data.data_dir}")
     manifest = open_manifest(cfg.data, cfg.model.vocab_size)
-    init_distributed(de, cuda)
+    console.phase(
+        f"initializing torch.distributed ({'nccl' if cuda else 'gloo'}, world {de.world_size})"
+    )
+    with filter_known_chatter():
+        init_distributed(de, cuda)
     mesh = init_process_groups(mesh)  # tp / dp / ep groups, created in the same order everywhere
     if cfg.deterministic:
+        # torch imports its compiler stack here (torch._inductor): seconds on a busy CPU.
+        console.phase("enabling deterministic algorithms")
+        if cuda:
+            # cuBLAS is deterministic only with a fixed workspace; without it every matmul
+            # warns under warn_only. Read at the first cuBLAS call, which comes later.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Deterministic mode also fills every torch.empty with NaN; ZeRO allocates its
         # gradient buckets (hundreds of MB) with torch.empty on each step and overwrites them,
@@ -91,6 +112,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
             flush=True,
         )
 
+    console.phase("building the model")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
     model = parallelize(build_model(cfg.model), cfg, mesh)
 
@@ -105,6 +127,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
 
         # expert shards: their own optimizer groups, gradients reduced over expert-dp only
         groups = prepare_expert_parallel_for_deepspeed(model, mesh, groups)
+    console.phase("building the DeepSpeed engine")
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=groups,
@@ -120,6 +143,7 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
 
     tok_sha = manifest["tokenizer"]["sha256"]
     trainer = Trainer(cfg, engine, data, val, sizes, mesh, tok_sha, callbacks=[])
+    console.phase(f"looking for a checkpoint in {cfg.checkpoint_dir}")
     tag = trainer.resume()
     write_run_config(cfg, de.rank)
     logger = MetricsLogger(
@@ -129,22 +153,19 @@ def train(cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool) -> int:
         de.rank,
         resume_step=trainer.state.step if tag else None,
     )
+    logger.listeners.append(console.on_metrics)
     trainer.callbacks = [
         LoggingCallback(logger, cfg, flops_per_token(cfg)),
         EvalCallback(logger, cfg),
+        console,
         CheckpointCallback(cfg),  # last: a save sees the step's logging and eval done
     ]
-    if de.rank == 0:
-        where = f"resumed from {tag} (step {trainer.state.step})" if tag else "fresh start"
-        print(
-            f"[train] {where}; world {de.world_size} (dp {mesh.dp}, tp {mesh.tp}, ep {mesh.ep}), global batch "
-            f"{sizes.global_batch} x {cfg.data.seq_len} tokens, {ds_cfg.get('bf16') and 'bf16' or 'fp32'}",
-            flush=True,
-        )
+    console.banner(trainer, model_name, "bf16" if ds_cfg.get("bf16") else "fp32", tag)
     try:
         code = trainer.fit()
     finally:
         logger.close()
+    console.summary(trainer, code)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -157,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         install_stop_handlers()  # entry points that import main() (e.g. test wrappers)
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    de = dist_env()
+    console = Console(de.rank)
     import torch
 
     cuda = torch.cuda.is_available()
-    de = dist_env()
     sizes = derived_sizes(cfg, de.world_size)
     mesh = build_mesh(cfg, de.world_size, de.rank)
     precision = resolve_precision(cfg, cuda)
@@ -170,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print("# derived: " + json.dumps({**asdict(sizes), "precision": precision}))
         print("# deepspeed: " + json.dumps(ds_cfg, sort_keys=True))
         return 0
-    return train(cfg, ds_cfg, sizes, mesh, de, cuda)
+    name = model_label(args.config, args.overrides)
+    return train(cfg, ds_cfg, sizes, mesh, de, cuda, console, name)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,8 @@ class MetricsLogger:
         self.active = rank == 0
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
+        # Called with (step, values) of every record (rank 0): the training console.
+        self.listeners: list[Callable[[int, dict[str, Any]], None]] = []
         if not self.active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,8 @@ class MetricsLogger:
         if self._wandb is not None:
             scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
             self._wandb.log(scalars, step=step)
+        for listener in self.listeners:
+            listener(step, values)
 
     def close(self) -> None:
         if not self.active:

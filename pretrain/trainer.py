@@ -151,6 +151,9 @@ class Callback:
         """Called on every rank after each step (collectives are allowed). `trainer.stopping`
         says whether this is the last step before a requeue (a stop signal arrived)."""
 
+    def on_checkpoint(self, trainer: Trainer, tag: str, seconds: float, path: Path) -> None:
+        """Called on every rank once a checkpoint is complete (the pointer moved)."""
+
 
 class Trainer:
     def __init__(
@@ -202,12 +205,16 @@ class Trainer:
 
     def save(self) -> None:
         """Save the current step (collective); when is CheckpointCallback's choice."""
-        checkpoint.save(
+        t0 = time.perf_counter()
+        tag = checkpoint.save(
             self.checkpoint_target,
             self.state.step,
             self.client_state(),
             self.cfg.checkpoint.keep_last,
         )
+        seconds = time.perf_counter() - t0
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, tag, seconds, self.cfg.checkpoint_dir / tag)
 
     def resume(self) -> str | None:
         if self.cfg.checkpoint.resume == "never":
