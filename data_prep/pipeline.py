@@ -32,7 +32,7 @@ from data_prep.tokenizer import (
 from mop.config import save_resolved
 from mop.errors import ConfigError, DataError
 from mop.fileio import atomic_write_json, read_json
-from mop.progress import progress
+from mop.progress import eta, fmt_duration, progress, say
 
 DECONTAM_INDEX = "decontam_ngrams.npy"
 
@@ -185,6 +185,7 @@ def run_tokenize_task(
             for item in items:
                 src = cfg.sources[item.source_index]
                 results.append(tokenize_unit(cfg, src, item.unit, tok, decontam, on_progress=tick))
+                say(unit_line(results[-1], len(results), len(items), time.perf_counter() - t0))
     else:
         decontam_path = None
         if decontam is not None:
@@ -199,12 +200,28 @@ def run_tokenize_task(
             for res in pool.imap_unordered(_worker_run, args):
                 results.append(res)
                 bar.update(1)
+                say(unit_line(res, len(results), len(items), time.perf_counter() - t0))
     summary = summarize(results, time.perf_counter() - t0, task_index, num_tasks)
     atomic_write_json(
         out / "logs" / f"tokenize-task{task_index:05d}-of-{num_tasks:05d}.json", summary
     )
     print_summary(summary)
     return summary
+
+
+def unit_line(res: UnitResult, done: int, total: int, elapsed: float) -> str:
+    """One finished unit: rows/s and tokens/s of the unit, ETA of the task at the rate so far."""
+    head = f"[tokenize] unit {done}/{total} {res.label}/u{res.unit:05d}"
+    left = f"ETA {fmt_duration(eta(done, total, elapsed))}"
+    if res.already_done:
+        return f"{head}: already done; {left}"
+    rows = res.documents + sum(res.skipped.values())
+    secs = max(res.seconds, 1e-9)
+    return (
+        f"{head}: {rows:,} rows, {res.tokens:,} tokens in {fmt_duration(res.seconds)} "
+        f"({rows / secs:,.0f} rows/s, {res.tokens / secs:,.0f} tokens/s"
+        f"{', resumed' if res.resumed else ''}); {left}"
+    )
 
 
 def summarize(results: list[UnitResult], seconds: float, task_index: int, num_tasks: int) -> dict:

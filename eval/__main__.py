@@ -29,6 +29,7 @@ from typing import Any
 
 from eval.suites import BENCHMARKS, SUITES, parse_suites
 from mop.errors import ConfigError, cli_entry
+from mop.progress import eta, fmt_duration
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -175,6 +176,15 @@ def _units(suites: list[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(units))  # a task asked for alone and in its suite runs once
 
 
+def running_scores(running: dict[str, list[float]]) -> str:
+    """'knowledge 0.1234 (2 tasks), math 0.0500 (1 task); ' -- mean primary score per suite."""
+    parts = [
+        f"{suite} {sum(v) / len(v):.4f} ({len(v)} task{'s' if len(v) > 1 else ''})"
+        for suite, v in running.items()
+    ]
+    return f"running mean: {', '.join(parts)}; " if parts else ""
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -203,13 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     done: list[str] = []
     skip = set() if args.redo else finished_tasks(loaded.ref.path, task_settings(args))
     skip = _same_on_every_rank(skip if rank == 0 else None)
-    for unit, suite in _units(suites):
+    units = _units(suites)
+    running: dict[str, list[float]] = {}  # suite -> primary scores of the tasks done so far
+    started = time.perf_counter()
+    for i, (unit, suite) in enumerate(units, 1):
         t0 = time.perf_counter()
         if unit in skip:
             if rank == 0:
-                print(f"[eval] {unit}: already in results.json (same settings), skipped")
+                print(
+                    f"[eval] task {i}/{len(units)} {unit}: already in results.json (same settings), skipped"
+                )
                 done.append("tasks")
             continue
+        if rank == 0:
+            print(f"[eval] task {i}/{len(units)} {unit} ({suite}) ...", flush=True)
         if unit == "synthetic" and rank != 0:
             continue  # single-process evaluation; the other ranks have nothing to do
         section, data = run_suite_section(unit, lm, args, loaded)
@@ -230,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         if section == "tasks":
             for task, entry in data.items():
                 print(f"[eval] {task}: {entry['primary']} {entry['score']:.4f} (n={entry['n']})")
+                running.setdefault(suite, []).append(entry["score"])
+        left = eta(i, len(units), time.perf_counter() - started)
+        print(f"[eval] {running_scores(running)}ETA {fmt_duration(left)}", flush=True)
     if rank == 0:
         if not doc and results_path(loaded.ref.path).is_file():
             doc = load_results(loaded.ref.path)  # everything was skipped: show the file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -438,3 +439,25 @@ def test_files_compare_helper_sanity(reference, tmp_path):
     assert data_files(copy) != files
     shard.unlink()
     assert data_files(copy) != files
+
+
+def test_a_line_per_unit_with_rates_and_eta(reference, raw, tmp_path, capsys):
+    cfg = make_cfg(
+        raw, tmp_path, tokenizer={"kind": "pretrained", "path": str(reference / "tokenizer.json")}
+    )
+    run_tokenizer_stage(cfg)
+    capsys.readouterr()
+    summary = run_tokenize_task(cfg)
+    out = capsys.readouterr().out
+    unit_line = re.compile(
+        r"^\[tokenize\] unit (\d)/5 (\w+)/u\d{5}: ([\d,]+) rows, ([\d,]+) tokens in \d+s "
+        r"\([\d,]+ rows/s, [\d,]+ tokens/s\); ETA \S+$"
+    )
+    found = [m for line in out.splitlines() if (m := unit_line.match(line))]
+    assert [int(m[1]) for m in found] == [1, 2, 3, 4, 5], out
+    assert sum(int(m[4].replace(",", "")) for m in found) == summary["tokens"]
+    rows = summary["documents"] + sum(summary["rows_skipped"].values())
+    assert sum(int(m[3].replace(",", "")) for m in found) == rows
+    assert found[-1][0].endswith("ETA 0s")
+    run_tokenize_task(cfg)  # a rerun: every unit is already there
+    assert capsys.readouterr().out.count(": already done; ETA") == 5

@@ -164,3 +164,29 @@ def test_module_entry_point_runs(run_copy):
         timeout=120,
     )
     assert proc.returncode == 3 and proc.stderr.startswith("error: checkpoint path does not")
+
+
+def test_console_shows_task_i_of_n_and_running_scores(run_copy, monkeypatch, capsys):
+    import eval.tasks
+
+    knowledge = list(eval.tasks.SUITES["knowledge"])
+    scores = iter([0.5, 0.25, 0.0, 1.0, 0.75, 0.5, 0.25])
+
+    def fake(lm, task, data_dir, limit, num_fewshot=None):
+        entry = _fake_task([])(lm, task, data_dir, limit, num_fewshot)
+        entry[task]["score"] = next(scores)
+        return entry
+
+    monkeypatch.setattr(eval.tasks, "run_suite", fake)
+    step = run_copy / "checkpoints" / "step_00000004"
+    assert main(["--checkpoint", str(step), "--suite", "knowledge", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = len(knowledge)
+    starts = [ln for ln in lines if ln.startswith("[eval] task ")]
+    assert starts == [
+        f"[eval] task {i}/{n} {t} (knowledge) ..." for i, t in enumerate(knowledge, 1)
+    ]
+    running = [ln for ln in lines if ln.startswith("[eval] running mean: ")]
+    assert running[0] == "[eval] running mean: knowledge 0.5000 (1 task); ETA " + running[0][-2:]
+    assert running[1].startswith("[eval] running mean: knowledge 0.3750 (2 tasks); ETA ")
+    assert running[-1].endswith("ETA 0s") and len(running) == n
