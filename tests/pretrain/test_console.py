@@ -105,6 +105,24 @@ def test_step_checkpoint_eval_lines_and_summary(runs):
     assert out.splitlines()[-1].startswith("[train] outputs: ")
 
 
+def test_doctor_checkpoint_estimate_matches_the_real_checkpoint(runs, data_dir):
+    """pretrain.doctor's disk check sizes checkpoints from the parameter count: compare it
+    with the size of the checkpoint this run wrote (fp32, ZeRO-1)."""
+    from mop.config import load_config
+    from pretrain.config import TrainConfig
+    from pretrain.doctor import checkpoint_bytes
+
+    run, _, _ = runs
+    cfg = load_config(
+        TrainConfig, str(REPO / "configs/train/tiny_cpu.yaml"), train_overrides(data_dir, run)
+    )
+    real = sum(
+        f.stat().st_size for f in (run / "checkpoints/step_00000006").rglob("*") if f.is_file()
+    )
+    estimate = checkpoint_bytes(cfg, "fp32")
+    assert real <= estimate <= 1.3 * real, (real, estimate)
+
+
 def test_resume_banner(runs):
     _, _, res = runs
     out = res.stdout

@@ -1,0 +1,245 @@
+"""`python -m pretrain.doctor`: everything a CPU machine can show. A healthy tiny config passes
+(megablocks missing is a warning here); a GPU layout without GPUs, a full disk, an unwritable
+run directory, a broken data directory and a wrong parallel layout each fail with a fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mop.config import load_config
+from pretrain import doctor
+from pretrain.config import TrainConfig
+from pretrain.doctor import checkpoint_bytes, main
+from tests.pretrain.conftest import REPO, VOCAB, subprocess_env
+
+TINY = str(REPO / "configs/train/tiny_cpu.yaml")
+
+
+@pytest.fixture(autouse=True)
+def cpu_job_env(monkeypatch):
+    """No launcher or SLURM variables from the machine running the tests."""
+    for key in (
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "RANK",
+        "SLURM_NTASKS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_TASKS_PER_NODE",
+        *doctor.SLURM_GPU_VARS,
+        "WANDB_API_KEY",
+    ):
+        monkeypatch.delenv(key, raising=False)
+
+
+def over(data_dir: Path, run_dir: Path, **extra) -> list[str]:
+    o = {"data.data_dir": data_dir, "run_dir": run_dir, "model.vocab_size": VOCAB, **extra}
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def doctor_rows(out: str) -> dict[str, tuple[str, str]]:
+    """{check: (status, detail)} from the printed table."""
+    rows = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[1] in ("ok", "warn", "fail", "skip"):
+            rows[parts[0]] = (parts[1], parts[2])
+    # two-word names
+    for line in out.splitlines():
+        for name in ("run dir", "checkpoint dir"):
+            if line.startswith(name + " "):
+                status, detail = line[len(name) :].split(None, 1)
+                rows[name] = (status, detail)
+    return rows
+
+
+def run_doctor(capsys, *args: str) -> tuple[int, dict, str, str]:
+    code = main(list(args))
+    cap = capsys.readouterr()
+    return code, doctor_rows(cap.out), cap.out, cap.err
+
+
+def test_healthy_cpu_config_passes(data_dir, tmp_path, capsys):
+    code, rows, out, err = run_doctor(
+        capsys, "--config", TINY, *over(data_dir, tmp_path / "run"), "--fast"
+    )
+    assert code == 0, out + err
+    for name in ("python", "torch", "deepspeed", "layout", "gpus", "disk", "run dir", "data"):
+        assert rows[name][0] == "ok", (name, out)
+    # GPU-only kernels are a warning on a CPU machine, not an error
+    assert rows["megablocks"][0] == "warn" and "GPU only" in rows["megablocks"][1]
+    assert rows["grouped_gemm"][0] == "warn"
+    assert rows["layout"][1].startswith("world 1 (dp 1, tp 1, ep 1)")
+    assert "sizes checked" in rows["data"][1] and "5 shard(s)" in rows["data"][1]
+    assert rows["tokenizer"][0] == "warn"  # the test data directory has no tokenizer files
+    assert rows["wandb"][0] == "ok" and "offline" in rows["wandb"][1]
+    assert out.rstrip().endswith("doctor: no problems found") and err == ""
+
+
+def test_environment_only_without_config(capsys):
+    code, rows, out, _ = run_doctor(capsys)
+    assert code == 0
+    assert {"python", "torch", "cuda", "nccl", "deepspeed", "megablocks", "grouped_gemm"} <= set(
+        rows
+    )
+    assert "matmul ok on cpu" in rows["torch"][1]
+    assert "layout" not in rows
+
+
+def test_gpu_layout_without_gpus_fails(data_dir, tmp_path, capsys, monkeypatch):
+    # what an 8-GPU sbatch allocation looks like from inside the job
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    code, rows, out, err = run_doctor(
+        capsys, "--config", TINY, *over(data_dir, tmp_path / "run"), "--fast"
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["gpus"] == (
+        "fail",
+        "0 GPU(s) visible, the layout needs 8 on this node (one per process)",
+    )
+    assert rows["layout"][1].startswith("world 16 (dp 16")
+    assert "fix: gpus: request --gpus-per-node=8 with --ntasks-per-node=8" in out
+    assert err.strip() == "error: doctor found 1 problem(s): gpus"
+
+
+def test_megablocks_config_on_cpu_fails_with_the_install_step(data_dir, tmp_path, capsys):
+    code, rows, out, _ = run_doctor(
+        capsys,
+        "--config",
+        TINY,
+        *over(data_dir, tmp_path / "run", **{"model.moe.backend": "megablocks"}),
+        "--fast",
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["megablocks"][0] == "fail" and "moe.backend=megablocks" in rows["megablocks"][1]
+    assert rows["gpus"][0] == "fail"  # megablocks needs a GPU
+    assert "fix: megablocks: on a GPU machine: pip install" in out
+
+
+def test_layout_that_does_not_divide_fails(data_dir, tmp_path, capsys):
+    code, rows, out, _ = run_doctor(
+        capsys,
+        "--config",
+        TINY,
+        *over(data_dir, tmp_path / "run", **{"parallel.tensor_parallel": 3}),
+        "--world-size",
+        "4",
+        "--fast",
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["layout"][0] == "fail" and "tensor_parallel=3" in rows["layout"][1]
+
+
+def test_full_disk_fails(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(doctor, "disk_free", lambda path: 1_000_000)
+    code, rows, out, _ = run_doctor(
+        capsys, "--config", TINY, *over(data_dir, tmp_path / "run"), "--fast"
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["disk"][0] == "fail" and rows["disk"][1].startswith("1.0 MB free at")
+    assert "lower checkpoint.keep_last" in out
+
+
+def test_unwritable_run_dir_fails(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, rows, out, _ = run_doctor(
+        capsys, "--config", TINY, *over(data_dir, blocker / "run"), "--fast"
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["run dir"][0] == "fail" and "is a file, not a directory" in rows["run dir"][1]
+    assert "fix: run dir: choose another run_dir" in out
+
+
+@pytest.fixture()
+def data_copy(data_dir, tmp_path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(data_dir, dst)
+    return dst
+
+
+def _first_shard(data: Path) -> Path:
+    manifest = json.loads((data / "manifest.json").read_text())
+    return data / (manifest["shards"][0]["path"] + ".bin")
+
+
+def test_bad_manifest_fails(data_copy, tmp_path, capsys):
+    (data_copy / "manifest.json").write_text('{"format": "something else"}')
+    code, rows, out, _ = run_doctor(
+        capsys, "--config", TINY, *over(data_copy, tmp_path / "run"), "--fast"
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["data"][0] == "fail" and "has format 'something else'" in rows["data"][1]
+
+
+def test_truncated_shard_fails_fast(data_copy, tmp_path, capsys):
+    shard = _first_shard(data_copy)
+    shard.write_bytes(shard.read_bytes()[:-2])
+    code, rows, out, _ = run_doctor(
+        capsys, "--config", TINY, *over(data_copy, tmp_path / "run"), "--fast"
+    )
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["data"][0] == "fail" and "truncated or replaced" in rows["data"][1]
+    assert "fix: data: re-run `python -m data_prep tokenize`" in out
+
+
+def test_flipped_byte_needs_the_full_check(data_copy, tmp_path, capsys):
+    shard = _first_shard(data_copy)
+    raw = bytearray(shard.read_bytes())
+    raw[0] ^= 1
+    shard.write_bytes(bytes(raw))
+    args = ("--config", TINY, *over(data_copy, tmp_path / "run"))
+    assert run_doctor(capsys, *args, "--fast")[0] == 0  # same size: fast mode cannot see it
+    code, rows, _, _ = run_doctor(capsys, *args)
+    assert code == doctor.FAIL_EXIT_CODE and "is corrupted: sha256" in rows["data"][1]
+
+
+def test_vocab_too_small_fails(data_dir, tmp_path, capsys):
+    code, rows, _, _ = run_doctor(
+        capsys, "--config", TINY, *over(data_dir, tmp_path / "run", **{"model.vocab_size": 64})
+    )
+    assert code == doctor.FAIL_EXIT_CODE and "model.vocab_size=512" in rows["data"][1]
+
+
+def test_wandb_online_without_key_is_a_warning(data_dir, tmp_path, capsys):
+    code, rows, out, _ = run_doctor(
+        capsys,
+        "--config",
+        TINY,
+        *over(data_dir, tmp_path / "run", **{"logging.wandb_mode": "online"}),
+        "--fast",
+    )
+    assert code == 0
+    assert rows["wandb"][0] == "warn" and "WANDB_API_KEY is not set" in rows["wandb"][1]
+    assert "hint: wandb: export WANDB_API_KEY" in out
+
+
+def test_checkpoint_estimate_follows_precision_and_zero_stage(data_dir, tmp_path):
+    cfg = load_config(TrainConfig, TINY, over(data_dir, tmp_path))
+    fp32_zero1 = checkpoint_bytes(cfg, "fp32")
+    fp32_zero0 = checkpoint_bytes(cfg.model_copy(update={"zero_stage": 0}), "fp32")
+    bf16 = checkpoint_bytes(cfg, "bf16")
+    assert fp32_zero0 < bf16 < fp32_zero1  # 12, 14 and 16 bytes per parameter
+
+
+def test_entry_point_exit_code_and_one_error_line(tmp_path):
+    """As slurm/train.sbatch runs it: a problem stops with exit 1 (not the requeue code)."""
+    cmd = [sys.executable, "-m", "pretrain.doctor", "--fast", "--config", TINY]
+    res = subprocess.run(
+        [*cmd, f"data.data_dir={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == doctor.FAIL_EXIT_CODE, res.stdout + res.stderr
+    assert res.stderr.strip() == "error: doctor found 1 problem(s): data"
+    assert "no manifest.json in" in res.stdout and "Traceback" not in res.stderr
