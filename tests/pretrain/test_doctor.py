@@ -243,3 +243,29 @@ def test_entry_point_exit_code_and_one_error_line(tmp_path):
     assert res.returncode == doctor.FAIL_EXIT_CODE, res.stdout + res.stderr
     assert res.stderr.strip() == "error: doctor found 1 problem(s): data"
     assert "no manifest.json in" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_train_sbatch_stops_before_srun_on_a_problem(tmp_path):
+    """slurm/train.sbatch runs the doctor first: with a missing data directory the job ends
+    with exit 1 (not 75: no requeue) and srun is never called. scontrol/srun are stubs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho localhost\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path / 'srun_called'}\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = subprocess_env(
+        PATH=f"{bin_dir}:{subprocess_env()['PATH']}", PY=sys.executable, SLURM_SUBMIT_DIR=str(REPO)
+    )
+    res = subprocess.run(
+        ["bash", str(REPO / "slurm/train.sbatch"), TINY, f"data.data_dir={tmp_path / 'none'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "[train.sbatch] pretrain.doctor found a problem (see above): not starting" in res.stdout
+    assert "data          fail" in res.stdout
+    assert not (tmp_path / "srun_called").exists()
