@@ -6,8 +6,10 @@ SLURM_NTASKS, SLURM_LOCALID. A plain `python -m pretrain` is a world of one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ def prepare_env(de: DistEnv, cuda: bool) -> None:
     """Environment that deepspeed/torch.distributed read; call before importing deepspeed."""
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     os.environ.setdefault("RANK", str(de.rank))
     os.environ.setdefault("WORLD_SIZE", str(de.world_size))
     os.environ.setdefault("LOCAL_RANK", str(de.local_rank))
@@ -51,6 +54,19 @@ def prepare_env(de: DistEnv, cuda: bool) -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = "29500"  # srun: set MASTER_ADDR/PORT in the sbatch script
+
+
+def extensions_dir() -> str:
+    """torch's JIT-extension cache for this Python environment.
+
+    On CPU DeepSpeed JIT-builds its shm comm op (about a minute) into torch's per-user cache.
+    The build flags hold the environment's path, so two environments of one user (two
+    checkouts, a container and a venv) rebuild it in turn on every start and wait on each
+    other's lock. A subdirectory per environment keeps one build each."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return str(Path(get_default_build_root()) / f"env-{env_key}")
 
 
 def init_distributed(de: DistEnv, cuda: bool) -> None:

@@ -20,3 +20,17 @@ def test_a_stale_jit_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeyp
     os.utime(lock, (old, old))  # what a builder killed an hour ago leaves behind
     assert clear_stale_jit_lock("ext") is True and not lock.exists()
     assert "stale JIT build lock (60 min old)" in capsys.readouterr().out
+
+
+def test_each_python_environment_gets_its_own_extension_cache(monkeypatch):
+    """DeepSpeed's CPU comm op is JIT-built with the environment's path in its flags: two
+    environments sharing torch's cache would rebuild it in turn (a minute each start)."""
+    import sys
+
+    from pretrain.launch import extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    here = extensions_dir()
+    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    assert extensions_dir() != here
+    assert os.path.dirname(extensions_dir()) == os.path.dirname(here)
