@@ -6,9 +6,10 @@ plain lines are written, so `grep '^\\[train\\] step'` reads a run. The step and
 show the values metrics.jsonl receives (the console listens to the MetricsLogger), so the two
 never disagree. Other ranks print nothing.
 
-Start-up is quiet: `quiet_third_party` lowers DeepSpeed's logger and `filter_known_chatter`
-drops the two DeepSpeed prints of a normal start (the op-build line of the CPU comm op, the
-accelerator guess), matched by their exact text, so any other message still shows.
+Start-up is quiet: `quiet_third_party` pins DeepSpeed's logger at WARNING, `filter_known_chatter`
+drops DeepSpeed's op-build print of a normal CPU start, matched by its exact text, so any
+other message still shows. (DS_ACCELERATOR, set by pretrain.launch, avoids its accelerator
+guess warning.)
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def process_age() -> float:
 
 # Exact lines DeepSpeed prints on every normal start; nothing else is swallowed.
 KNOWN_CHATTER = (
-    re.compile(r"^DeepSpeed \S+ built successfully$"),  # deepspeed/comm/torch.py build_shm_op
-    re.compile(r"Setting accelerator to CPU\. If you have GPU or other accelerator"),
+    # deepspeed/comm/torch.py build_shm_op: a bare print() on every CPU start
+    re.compile(r"^DeepSpeed \S+ built successfully$"),
 )
 
 
@@ -191,8 +192,8 @@ class Console:
             return
         now = time.monotonic()
         if self._fit_t0 is None:
-            self._fit_t0 = now
-            self._window = (trainer.state.step - 1, now - result.seconds)
+            self._fit_t0 = now - result.seconds
+            self._window = (trainer.state.step - 1, self._fit_t0)
             if self.bar_enabled:
                 from tqdm.auto import tqdm
 
