@@ -224,6 +224,21 @@ def _slurm_tasks_per_node(value: str) -> int:
     return int(value.split(",")[0].split("(")[0])
 
 
+def slurm_gpus(env: dict[str, str]) -> int:
+    """GPUs SLURM allocated on this node: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE hold a
+    count ('8', 'h100:8'; '0' under --gpus-per-node=0), SLURM_JOB_GPUS / SLURM_STEP_GPUS
+    a list of indices ('0,1')."""
+    found = 0
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        count = env.get(key, "").split(",")[0].split(":")[-1].split("(")[0]
+        if count.isdigit():
+            found = max(found, int(count))
+    for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        if env.get(key):
+            found = max(found, len(env[key].split(",")))
+    return found
+
+
 def layout_from(
     args: argparse.Namespace, env: dict[str, str], needs_gpu: bool, cuda: bool
 ) -> Layout:
@@ -238,7 +253,7 @@ def layout_from(
         world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or per_node or 1)
     per_node = min(per_node or world, world)
     gpu = args.device == "cuda" or (
-        args.device == "auto" and (needs_gpu or cuda or any(env.get(k) for k in SLURM_GPU_VARS))
+        args.device == "auto" and (needs_gpu or cuda or slurm_gpus(env) > 0)
     )
     return Layout(world, per_node, per_node if gpu else 0)
 

@@ -269,3 +269,23 @@ def test_train_sbatch_stops_before_srun_on_a_problem(tmp_path):
     assert "[train.sbatch] pretrain.doctor found a problem (see above): not starting" in res.stdout
     assert "data          fail" in res.stdout
     assert not (tmp_path / "srun_called").exists()
+
+
+def test_slurm_gpu_variables():
+    assert doctor.slurm_gpus({}) == 0
+    assert doctor.slurm_gpus({"SLURM_GPUS_PER_NODE": "0"}) == 0  # --gpus-per-node=0: a CPU job
+    assert doctor.slurm_gpus({"SLURM_GPUS_PER_NODE": "h100:8"}) == 8
+    assert doctor.slurm_gpus({"SLURM_GPUS_ON_NODE": "4"}) == 4
+    assert doctor.slurm_gpus({"SLURM_JOB_GPUS": "0"}) == 1  # GPU index 0, not zero GPUs
+    assert doctor.slurm_gpus({"SLURM_STEP_GPUS": "0,1,2"}) == 3
+
+
+def test_cpu_slurm_job_with_zero_gpus_passes(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_GPUS_PER_NODE", "0")
+    code, rows, out, _ = run_doctor(
+        capsys, "--config", TINY, *over(data_dir, tmp_path / "run"), "--fast"
+    )
+    assert code == 0, out
+    assert rows["gpus"][0] == "ok" and rows["layout"][1].startswith("world 2 (dp 2")
