@@ -17,10 +17,17 @@ TINY = REPO / "configs/train/tiny_cpu.yaml"
 RTOL = 1e-5
 
 
-def run_pretrain(overrides: list[str], nproc: int, timeout: float = 300, check: bool = True):
+def run_pretrain(
+    overrides: list[str],
+    nproc: int,
+    timeout: float = 300,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
+):
     """`python -m pretrain` (via the test wrapper) in one process or under torchrun; with
-    check, a failed run fails the test with the ranks' errors."""
-    env = subprocess_env()
+    check, a failed run fails the test with the ranks' errors. `env_extra`: fault_wrapper.py
+    variables."""
+    env = subprocess_env(**(env_extra or {}))
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]

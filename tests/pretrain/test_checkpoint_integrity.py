@@ -286,3 +286,18 @@ def test_eval_and_export_refuse_a_damaged_save_in_one_line(run_copy, tmp_path, c
     assert len(lines) == 1 and lines[0].startswith(expected), res.stderr
     assert not out.exists()
     assert (run_copy / "checkpoints" / tag_of(6)).is_dir()  # eval only reads: nothing moved
+
+
+def test_one_rank_killed_while_recording_in_a_two_process_run(data_dir, tmp_path):
+    """Rank 1 dies after every file is written, before its share of the record: no record,
+    the pointer stays on step 3, and the rerun resumes from there."""
+    over = overrides(data_dir, tmp_path)
+    env = {"MOP_TEST_KILL_IN_SAVE_STEP": "6", "MOP_TEST_KILL_IN_SAVE_AT": "record"}
+    res = run_pretrain(over, nproc=2, check=False, env_extra={**env, "MOP_TEST_KILL_RANK": "1"})
+    assert res.returncode != 0
+    ckpt = tmp_path / "checkpoints"
+    assert read_pointer(ckpt) == tag_of(3)
+    assert not (ckpt / tag_of(6) / record.RECORD).exists()
+    res = run_pretrain(over, nproc=2)
+    assert f"resumed from {tag_of(3)}" in res.stdout and "damaged" not in res.stderr
+    assert read_pointer(ckpt) == tag_of(6) and check_save(ckpt / tag_of(6))
