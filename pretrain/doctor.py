@@ -7,7 +7,8 @@ grouped_gemm (a grouped GEMM on GPU; missing is only a warning without CUDA, unl
 asks for moe.backend=megablocks). With a config: the process layout against the visible GPUs,
 free disk where checkpoints go against `checkpoint.keep_last + 1` checkpoints of this model,
 the data directory (manifest, tokenizer, every shard's size; `--fast` skips the sha256 of each
-shard), a writable run directory, the wandb mode.
+shard), a writable run directory, the save a restart would resume from (its integrity record;
+`--fast` checks sizes only), the wandb mode.
 
 Prints a table; exit 0 when nothing failed (warnings allowed), else 1 with one `fix:` line per
 problem. `--fast` skips the device ops and the shard hashes (seconds; slurm/train.sbatch runs
@@ -453,6 +454,33 @@ def check_tokenizer_file(data_dir: Path, manifest_sha: str | None) -> Check:
     return Check("tokenizer", "ok", f"{t.kind}, vocab {t.vocab_size}, sha256 {t.hash[:12]}...")
 
 
+def check_resume(cfg, fast: bool) -> Check:
+    """Where the run would resume, and whether that save is intact (its integrity record:
+    sizes always, CRC-32s unless --fast). A damaged newest save is a warning: the trainer
+    moves it aside and resumes from the newest intact one."""
+    from mop.errors import DamagedStateError
+    from pretrain.checkpoint import check_save, read_pointer
+
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    if cfg.checkpoint.resume == "never":
+        return Check("resume", "ok", "checkpoint.resume=never: a fresh start")
+    tag = read_pointer(ckpt_dir) if ckpt_dir.is_dir() else None
+    if tag is None:
+        return Check("resume", "ok", f"fresh start (no checkpoint pointer in {ckpt_dir})")
+    try:
+        recorded = check_save(ckpt_dir / tag, checksum=(lambda name: False) if fast else None)
+    except DamagedStateError as exc:
+        return Check(
+            "resume",
+            "warn",
+            f"{exc}; the trainer will move it aside and resume from an older intact save",
+            f"restore {ckpt_dir / tag} from a copy to resume from it",
+        )
+    how = "sizes checked" if fast else "sizes and CRC-32 checked"
+    state = how if recorded else "no integrity record (an older save): unchecked"
+    return Check("resume", "ok", f"resumes from {tag} ({state})")
+
+
 def check_wandb(cfg, env: dict[str, str]) -> Check:
     mode = cfg.logging.wandb_mode
     if mode == "disabled":
@@ -511,6 +539,7 @@ def run_checks(args: argparse.Namespace, env: dict[str, str] | None = None) -> l
     checks.append(check_writable("run dir", Path(cfg.run_dir)))
     if Path(cfg.checkpoint_dir).absolute() != (Path(cfg.run_dir) / "checkpoints").absolute():
         checks.append(check_writable("checkpoint dir", Path(cfg.checkpoint_dir)))
+    checks.append(check_resume(cfg, args.fast))
     checks += check_data(cfg, args.fast)
     checks.append(check_wandb(cfg, env))
     return checks

@@ -289,3 +289,36 @@ def test_cpu_slurm_job_with_zero_gpus_passes(data_dir, tmp_path, capsys, monkeyp
     )
     assert code == 0, out
     assert rows["gpus"][0] == "ok" and rows["layout"][1].startswith("world 2 (dp 2")
+
+
+def _fake_save(ckpt_dir: Path, step: int) -> Path:
+    """A save as pretrain.checkpoint leaves it: files, their integrity record, the pointer."""
+    from pretrain.checkpoint import POINTER, tag_of
+    from pretrain.checkpoint_record import merge_parts, write_part
+
+    tag_dir = ckpt_dir / tag_of(step)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+    write_part(tag_dir, 0, 1)
+    merge_parts(tag_dir, 1)
+    (ckpt_dir / POINTER).write_text(tag_of(step) + "\n")
+    return tag_dir
+
+
+def test_resume_point_is_checked(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ("--config", TINY, *over(data_dir, run))
+    code, rows, out, _ = run_doctor(capsys, *args, "--fast")
+    assert rows["resume"] == ("ok", f"fresh start (no checkpoint pointer in {run / 'checkpoints'})")
+    tag_dir = _fake_save(run / "checkpoints", 30)
+    code, rows, out, _ = run_doctor(capsys, *args)
+    assert (
+        code == 0 and rows["resume"][1] == "resumes from step_00000030 (sizes and CRC-32 checked)"
+    )
+    weights = tag_dir / "mp_rank_00_model_states.pt"
+    weights.write_bytes(b"WEIGHTS" * 100)  # same size, other bytes
+    assert run_doctor(capsys, *args, "--fast")[1]["resume"][0] == "ok"  # sizes only
+    code, rows, out, _ = run_doctor(capsys, *args)
+    assert code == 0  # the trainer falls back to an older save by itself: a warning
+    assert rows["resume"][0] == "warn" and "checksum mismatch" in rows["resume"][1]
+    assert f"hint: resume: restore {tag_dir} from a copy" in out
