@@ -178,6 +178,8 @@ class Console:
             f"{human(total_tokens)} tokens"
         )
         self.line(f"run dir: {cfg.run_dir} (checkpoints: {cfg.checkpoint_dir})")
+        if cfg.logging.peak_tflops is None:
+            self.line("MFU: not shown; set logging.peak_tflops to the device's peak TFLOP/s")
         if resumed:
             self.line(
                 f"resumed from {resumed} (step {st.step}, {human(st.tokens)} tokens seen); "

@@ -54,7 +54,9 @@ def runs(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("console_run")
     over = {"max_steps": 6, "logging.log_interval": 2}
     first = run_pretrain_cli(train_overrides(data_dir, run, **over))
-    second = run_pretrain_cli(train_overrides(data_dir, run, **{**over, "max_steps": 8}))
+    # the resumed run knows its device's peak: MFU is shown
+    more = {**over, "max_steps": 8, "logging.peak_tflops": 0.001}
+    second = run_pretrain_cli(train_overrides(data_dir, run, **more))
     return run, first, second
 
 
@@ -78,6 +80,7 @@ def test_banner_startup_phases_and_no_chatter(runs):
     assert "[train] plan: 6 steps x 128 tokens = 768 tokens" in out
     assert f"[train] run dir: {run} (checkpoints: {run / 'checkpoints'})" in out
     assert "[train] fresh start" in out
+    assert "[train] MFU: not shown; set logging.peak_tflops" in out
     # Third-party start-up chatter: DeepSpeed's op-build print, its logger, a bar in a log.
     assert "built successfully" not in out + res.stderr
     assert "[WARNING]" not in res.stderr and "[INFO]" not in out + res.stderr
@@ -124,12 +127,15 @@ def test_doctor_checkpoint_estimate_matches_the_real_checkpoint(runs, data_dir):
 
 
 def test_resume_banner(runs):
-    _, _, res = runs
+    run, _, res = runs
     out = res.stdout
     assert "[train] resumed from step_00000006 (step 6, 768 tokens seen); 2 steps to go" in out
     assert "fresh start" not in out
     steps = [int(m[1]) for ln in out.splitlines() if (m := STEP_LINE.match(ln))]
     assert steps == [8]
+    mfu = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["mfu"]
+    assert f"| MFU {100 * mfu:.1f}% |" in out
+    assert "MFU: not shown" not in out
     assert "[train] done: step 8/8 (2 this run, 0 skipped), 1.02K tokens;" in out
 
 
