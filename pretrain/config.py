@@ -115,6 +115,9 @@ class TrainConfig(StrictModel):
     zero_stage: int = Field(1, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
+    # torch.compile each block (applied by pretrain.parallel.parallelize, after activation
+    # checkpointing; the model's math is unchanged). Worth it on GPU; costs start-up time.
+    compile: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -92,11 +92,10 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.n_kv_heads != self.n_heads:
-            # Query head h reads kv head h // n_rep (the transformers `repeat_kv` layout).
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # One SDPA call on every path (causal training, masked generation). Grouped-query
+        # heads go to SDPA as they are (query head h reads kv head h // n_rep, the transformers
+        # `repeat_kv` layout) instead of copying k and v n_rep times first.
+        gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
         if mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **gqa)

@@ -18,6 +18,7 @@ from pretrain.parallel.tensor import apply_tensor_parallel
 __all__ = [
     "Mesh",
     "apply_activation_checkpointing",
+    "apply_compile",
     "build_mesh",
     "build_mpu",
     "init_process_groups",
@@ -26,7 +27,8 @@ __all__ = [
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
-    """Apply tp/sp, ep and activation checkpointing in place; the mesh must have its groups."""
+    """Apply tp/sp, ep, activation checkpointing and compile in place; the mesh must have its
+    groups."""
     if mesh.ep > 1:
         from pretrain.parallel.expert import apply_expert_parallel
 
@@ -38,6 +40,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
         apply_tensor_parallel(model, mesh)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
     return model
 
 
@@ -51,3 +55,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             return checkpoint(_inner, *args, use_reentrant=False)
 
         block.forward = forward
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each block in place (`nn.Module.compile`: parameter names, state dicts and
+    checkpoints stay those of the plain model). Blocks, not the whole model: every block runs
+    the same code, so one compiled graph serves all of them, and a graph break inside one
+    (the MoE layer's data-dependent expert sizes) stays inside it."""
+    for block in model.blocks:
+        block.compile(backend=backend)

@@ -87,10 +87,12 @@ def test_deepspeed_dict():
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 1}
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
-    assert ds["optimizer"]["params"]["lr"] == 3e-4 and "torch_adam" not in ds["optimizer"]["params"]
+    params = ds["optimizer"]["params"]
+    assert params["lr"] == 3e-4 and params["torch_adam"] is True and params["fused"] is True
     cpu = load_config(TrainConfig, TINY)
     ds_cpu = deepspeed_config(cpu, derived_sizes(cpu, 1), resolve_precision(cpu, False), False)
     assert "bf16" not in ds_cpu and ds_cpu["optimizer"]["params"]["torch_adam"] is True
+    assert ds_cpu["optimizer"]["params"]["foreach"] is True
 
 
 def test_schedules():
