@@ -32,6 +32,7 @@ from pretrain.console import Console, filter_known_chatter, model_label, quiet_t
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.launch import dist_env, init_distributed, prepare_env
 from pretrain.parallel import build_mesh
+from pretrain.profiler import parse_profile_range
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="train config YAML (configs/train/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--profile",
+        metavar="FROM:TO",
+        help="torch profiler trace of steps FROM..TO into RUN_DIR/profile/, e.g. --profile 5:8",
+    )
     return p.parse_args(argv)
 
 
@@ -53,7 +59,15 @@ def param_groups(model) -> list[dict]:
 
 
 def train(
-    cfg: TrainConfig, ds_cfg: dict, sizes, mesh, de, cuda: bool, console: Console, model_name: str
+    cfg: TrainConfig,
+    ds_cfg: dict,
+    sizes,
+    mesh,
+    de,
+    cuda: bool,
+    console: Console,
+    model_name: str,
+    profile: tuple[int, int] | None = None,
 ) -> int:
     prepare_env(de, cuda)  # before deepspeed is imported: DS_ACCELERATOR=cpu without CUDA
     console.phase("importing DeepSpeed")
@@ -160,6 +174,12 @@ def train(
         console,
         CheckpointCallback(cfg),  # last: a save sees the step's logging and eval done
     ]
+    if profile:
+        from pretrain.profiler import ProfilerCallback
+
+        trainer.callbacks.append(
+            ProfilerCallback(profile, cfg.run_dir, de.rank, trainer.state.step)
+        )
     console.banner(trainer, model_name, "bf16" if ds_cfg.get("bf16") else "fp32", tag)
     try:
         code = trainer.fit()
@@ -175,6 +195,7 @@ def train(
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    profile = parse_profile_range(args.profile) if args.profile else None
     if not args.dry_run:
         install_stop_handlers()  # entry points that import main() (e.g. test wrappers)
     cfg = load_config(TrainConfig, args.config, args.overrides)
@@ -193,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# deepspeed: " + json.dumps(ds_cfg, sort_keys=True))
         return 0
     name = model_label(args.config, args.overrides)
-    return train(cfg, ds_cfg, sizes, mesh, de, cuda, console, name)
+    return train(cfg, ds_cfg, sizes, mesh, de, cuda, console, name, profile)
 
 
 if __name__ == "__main__":

@@ -245,7 +245,9 @@ class Trainer:
             self.mesh.dp_rank,
             self.sizes.micro_batch,
         )
-        lm_sum = aux_sum = 0.0
+        # Loss sums stay on the device (float64, the order of the host sums they replace): no
+        # host sync between micro-batches; one read after the optimizer step.
+        sums = None
         counts = None
         for i, mb in enumerate(batches):
             out = engine(mb.input_ids.to(engine.device))
@@ -260,8 +262,9 @@ class Trainer:
                 _step_without_update(engine)
             else:
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
-            lm_sum += float(lm.detach())
-            aux_sum += float(out.aux_loss.detach())
+            mb_sums = torch.stack([lm.detach(), out.aux_loss.detach()]).double()
+            sums = mb_sums if sums is None else sums + mb_sums
+        lm_sum, aux_sum = sums.tolist()
         n = len(batches)
         lm_mean, aux_mean = _all_reduce_mean([lm_sum / n, aux_sum / n], self.mesh)
         applied = engine.skipped_steps == skipped_before
