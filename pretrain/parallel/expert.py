@@ -9,7 +9,8 @@ shard form `mesh.expert_dp_group` (dp/ep ranks); expert gradients are reduced th
 Forward of one layer (dropless, no capacity factor):
   route the local tokens -> sort the N*k assignments by expert -> all_to_all the per-expert
   counts -> all_to_all the token rows to the owners (variable splits) -> regroup by local expert
-  -> run the local experts (the torch backend's loop; grouped GEMM on CUDA bf16) -> all_to_all
+  -> run the local experts (`local_expert_gemm`: grouped_gemm's gmm with moe.backend=megablocks,
+  else the torch backend's grouped GEMM on CUDA bf16 or its loop) -> all_to_all
   back -> weight and scatter-add into the token order. Both all_to_alls are autograd-aware:
   the backward of one is the reverse exchange, so expert weight gradients arrive already summed
   over the ep ranks of the group.
@@ -64,6 +65,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mop.errors import ConfigError, DataError
@@ -165,14 +167,48 @@ class ExpertParallelMoE(MoE):
 
     def _local_experts(self, xs: Tensor, tokens_per_expert: Tensor) -> Tensor:
         w1, v1, w2 = self.expert_weights()
-        if self.cfg.grouped_mm and xs.is_cuda and compute_dtype(xs) == torch.bfloat16:
-            bf16 = torch.bfloat16  # autocast does not cover torch._grouped_mm
-            out = _expert_grouped_mm(
-                xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16)
-            )
-            if out is not None:
-                return out
-        return _connected_expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
+        return local_expert_gemm(self, xs)(xs, tokens_per_expert, w1, v1, w2)
+
+
+def local_expert_gemm(layer: MoE, xs: Tensor):
+    """The function that runs this rank's local experts on `xs` (grouped by local expert):
+    with moe.backend=megablocks on CUDA bf16, grouped_gemm's `gmm`, the kernel megablocks'
+    own grouped MLP runs; else the torch backend's grouped GEMM (torch._grouped_mm on CUDA
+    bf16) or its loop. All take (xs, tokens_per_expert, w1, v1, w2) as views [E_local, f, d]."""
+    cuda_bf16 = xs.is_cuda and compute_dtype(xs) == torch.bfloat16
+    if layer._megablocks is not None and cuda_bf16 and xs.shape[0] > 0:
+        return _gmm_experts
+    if layer.cfg.grouped_mm and cuda_bf16:
+        return _torch_grouped_experts
+    return _loop_experts
+
+
+def _gmm_experts(
+    xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor, gmm=None
+) -> Tensor:
+    """SwiGLU experts through grouped_gemm's gmm (megablocks' GroupedGLU does the same:
+    x @ w1[e].T and x @ v1[e].T, then h @ w2[e]). gmm takes the group sizes on the host."""
+    if gmm is None:
+        from grouped_gemm.ops import gmm
+    dtype = compute_dtype(xs)
+    x = xs.to(dtype)
+    sizes = tokens_per_expert.cpu()
+    h = F.silu(gmm(x, w1.to(dtype), sizes, trans_b=True)) * gmm(
+        x, v1.to(dtype), sizes, trans_b=True
+    )
+    return gmm(h, w2.to(dtype), sizes)
+
+
+def _torch_grouped_experts(
+    xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor
+) -> Tensor:
+    bf16 = torch.bfloat16  # autocast does not cover torch._grouped_mm
+    out = _expert_grouped_mm(xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16))
+    return out if out is not None else _loop_experts(xs, tokens_per_expert, w1, v1, w2)
+
+
+def _loop_experts(xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor):
+    return _connected_expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
 
 
 def _connected_expert_loop(
@@ -208,12 +244,6 @@ def apply_expert_parallel(model: nn.Module, mesh) -> nn.Module:
         if layer.num_experts % ep:
             raise ConfigError(
                 f"expert_parallel={ep} must divide num_experts={layer.num_experts} ({name})"
-            )
-        if layer._megablocks is not None:
-            raise ConfigError(
-                f"expert_parallel={ep} with moe.backend=megablocks ({name}): expert parallel "
-                "runs the local experts with the torch backend (grouped GEMM on CUDA); set "
-                "model.moe.backend=torch"
             )
         local = layer.num_experts // ep
         rows = slice(
