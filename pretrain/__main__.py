@@ -32,7 +32,6 @@ from pretrain.console import Console, filter_known_chatter, model_label, quiet_t
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.launch import dist_env, init_distributed, prepare_env
 from pretrain.parallel import build_mesh
-from pretrain.profiler import parse_profile_range
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,7 +194,11 @@ def train(
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    profile = parse_profile_range(args.profile) if args.profile else None
+    profile = None
+    if args.profile:
+        from pretrain.profiler import parse_profile_range
+
+        profile = parse_profile_range(args.profile)
     if not args.dry_run:
         install_stop_handlers()  # entry points that import main() (e.g. test wrappers)
     cfg = load_config(TrainConfig, args.config, args.overrides)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mop.errors import UserError
+from pretrain.trainer import Callback
 
 
 def parse_profile_range(text: str) -> tuple[int, int]:
@@ -27,8 +28,8 @@ def parse_profile_range(text: str) -> tuple[int, int]:
     return first, last
 
 
-class ProfilerCallback:
-    """Duck-typed `pretrain.trainer.Callback` (on_step_end); see the module docstring."""
+class ProfilerCallback(Callback):
+    """See the module docstring."""
 
     def __init__(self, steps: tuple[int, int], run_dir: str | Path, rank: int, start_step: int):
         self.first, self.last = steps
