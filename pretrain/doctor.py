@@ -145,10 +145,16 @@ def check_nccl(cuda: bool, fast: bool) -> Check:
     return Check("nccl", "ok", f"{version}; one-rank all-reduce ok")
 
 
-def check_deepspeed(cuda: bool) -> Check:
+def check_deepspeed(cuda: bool, fast: bool) -> Check:
+    """Imports with the accelerator training uses; without --fast also loads the op a run
+    needs first (JIT-built on first use, so a missing compiler shows here, not at step 0):
+    the fused Adam kernel on GPU, the shared-memory comm op on CPU."""
+    from pretrain.launch import extensions_dir
+
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as pretrain.launch.prepare_env does
-    from pretrain.console import quiet_third_party
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    from pretrain.console import filter_known_chatter, quiet_third_party
 
     quiet_third_party()
     try:
@@ -161,9 +167,43 @@ def check_deepspeed(cuda: bool) -> Check:
             f"import failed: {exc.__class__.__name__}: {exc}",
             "run `make install` (DeepSpeed is pinned in requirements.txt)",
         )
-    return Check(
-        "deepspeed", "ok", f"{deepspeed.__version__}; accelerator {get_accelerator()._name}"
-    )
+    detail = f"{deepspeed.__version__}; accelerator {get_accelerator()._name}"
+    if fast:
+        return Check("deepspeed", "ok", detail)
+    op = "fused Adam step" if cuda else "shm comm op"
+    try:
+        with filter_known_chatter():
+            _deepspeed_op(cuda)
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "deepspeed",
+            "fail",
+            f"{detail}; {op} failed: {exc.__class__.__name__}: {exc}",
+            "DeepSpeed JIT-builds its ops on first use: check the C++ compiler (and nvcc / "
+            "CUDA_HOME on GPU), or install DeepSpeed with its ops prebuilt (DS_BUILD_OPS=1)",
+        )
+    return Check("deepspeed", "ok", f"{detail}; {op} ok")
+
+
+def _deepspeed_op(cuda: bool) -> None:
+    import torch
+
+    if cuda:
+        from deepspeed.ops.adam import FusedAdam
+
+        p = torch.nn.Parameter(torch.ones(8, device="cuda"))
+        p.grad = torch.ones_like(p)
+        FusedAdam([p], lr=0.1).step()
+        torch.cuda.synchronize()
+        if not bool((p < 1).all()):
+            raise RuntimeError("the step did not update the parameter")
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible():
+        raise RuntimeError("DeepSpeed reports its CPU comm op as incompatible with this machine")
+    builder.load()
 
 
 def check_moe_kernels(needed: bool, cuda: bool, fast: bool) -> list[Check]:
@@ -524,7 +564,7 @@ def run_checks(args: argparse.Namespace, env: dict[str, str] | None = None) -> l
     import torch
 
     cuda = torch.cuda.is_available()
-    checks.append(check_deepspeed(cuda))
+    checks.append(check_deepspeed(cuda, args.fast))
     megablocks = (
         cfg is not None and cfg.model.ffn == "moe" and cfg.model.moe.backend == "megablocks"
     )

@@ -88,6 +88,8 @@ def test_environment_only_without_config(capsys):
         rows
     )
     assert "matmul ok on cpu" in rows["torch"][1]
+    assert rows["deepspeed"][0] == "ok"
+    assert rows["deepspeed"][1].endswith("accelerator cpu; shm comm op ok")  # loaded for real
     assert "layout" not in rows
 
 
@@ -322,3 +324,18 @@ def test_resume_point_is_checked(data_dir, tmp_path, capsys):
     assert code == 0  # the trainer falls back to an older save by itself: a warning
     assert rows["resume"][0] == "warn" and "checksum mismatch" in rows["resume"][1]
     assert f"hint: resume: restore {tag_dir} from a copy" in out
+
+
+def test_a_deepspeed_op_that_cannot_build_fails(capsys, monkeypatch):
+    def no_compiler(cuda):
+        raise RuntimeError("Error building extension 'deepspeed_shm_comm'")
+
+    monkeypatch.setattr(doctor, "_deepspeed_op", no_compiler)
+    code, rows, out, err = run_doctor(capsys)
+    assert code == doctor.FAIL_EXIT_CODE
+    assert (
+        rows["deepspeed"][0] == "fail"
+        and "shm comm op failed: RuntimeError" in rows["deepspeed"][1]
+    )
+    assert "fix: deepspeed: DeepSpeed JIT-builds its ops on first use" in out
+    assert err.strip() == "error: doctor found 1 problem(s): deepspeed"
