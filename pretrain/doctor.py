@@ -2,7 +2,8 @@
 before a long job.
 
 Environment: Python, torch (and a matmul on each device kind here), CUDA, NCCL (a one-rank
-all-reduce on GPU), DeepSpeed (imports with the accelerator it will use), megablocks and
+all-reduce on GPU), DeepSpeed (imports with the accelerator it will use; loads its fused Adam
+kernel on GPU, its shared-memory comm op on CPU), megablocks and
 grouped_gemm (a grouped GEMM on GPU; missing is only a warning without CUDA, unless the config
 asks for moe.backend=megablocks). With a config: the process layout against the visible GPUs,
 free disk where checkpoints go against `checkpoint.keep_last + 1` checkpoints of this model,
