@@ -100,7 +100,6 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
                 f"--junitxml={work / 'tests_gpu.xml'}",
             ],
             args.tests_timeout_s,
-            {"MOP_GPU_TRAIN_STEPS": "60"},
         ),  # fmt: skip
         Step(
             "train_throughput",

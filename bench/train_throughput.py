@@ -220,6 +220,9 @@ def transformers_step(model_cfg, args: argparse.Namespace, cuda: bool):
 
     from pretrain.model.hf_export import hf_config
 
+    # ours may have switched deterministic algorithms on (the recipe's default); theirs runs
+    # as a plain loop would
+    torch.use_deterministic_algorithms(False)
     hf = hf_config(model_cfg)
     if model_cfg.ffn == "moe":
         hf.output_router_logits = True
