@@ -281,6 +281,12 @@ def run_case(case: Case, args: argparse.Namespace, cuda: bool) -> dict[str, Any]
         return row
     t0 = time.perf_counter()
     keep: list = []
+    step = None
+    # The last case's engine is only freed once its reference cycles are collected: before
+    # the peak-memory reset, not after it.
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     try:
         model_cfg = model_config(case, args)
         if cuda:
@@ -328,10 +334,7 @@ def run_case(case: Case, args: argparse.Namespace, cuda: bool) -> dict[str, Any]
         traceback.print_exc()
     finally:
         row["seconds"] = time.perf_counter() - t0
-        del keep
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        del keep, step
         if hasattr(torch, "_dynamo"):
             torch._dynamo.reset()
     return row
@@ -448,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "peak_tflops": args.peak_tflops,
+        "ours": {"recipe": str(RECIPE.relative_to(REPO)), "overrides": args.set},
         "rows": rows,
         "floors": floors(rows, args.smoke),
     }

@@ -127,3 +127,20 @@ def test_floors_take_the_best_variant_and_only_a_gpu_run_is_judged():
     got = {f["floor"]: f for f in train_throughput.floors(rows, smoke=False)}
     assert got["dense_d2048 mfu"]["met"] is False
     assert all(f["met"] is None for f in train_throughput.floors(rows, smoke=True))
+
+
+def test_the_gpu_call_installs_every_carried_file_offline(tmp_path, monkeypatch):
+    whl = tmp_path / "repo" / ".whl"
+    whl.mkdir(parents=True)
+    for name in ("a-1.0-py3-none-any.whl", "b-2.0-cp312-cp312-manylinux2014_x86_64.whl"):
+        (whl / name).write_bytes(b"")
+    monkeypatch.setattr(device_kit, "REPO", tmp_path / "repo")
+    args = device_kit.parse_args(["--out", str(tmp_path / "out")])
+    plan = device_kit.steps(args, tmp_path / "work")
+    assert [s.name for s in plan] == [
+        "install", "build_kernels", "device", "tests_gpu", "train_throughput", "moe_backends",
+    ]  # fmt: skip
+    install = plan[0].cmd[-1]
+    assert "--no-index" in install and all(str(p) in install for p in whl.iterdir())
+    assert str(whl / "deepspeed-0.19.8.tar.gz") in install
+    assert plan[1].cmd == ["bash", "docker/build_gpu_deps.sh", str(whl)]
