@@ -99,7 +99,7 @@ def train(
         f"initializing torch.distributed ({'nccl' if cuda else 'gloo'}, world {de.world_size})"
     )
     with filter_known_chatter():
-        init_distributed(de, cuda)
+        init_distributed(de, cuda, cfg.parallel.timeout_minutes)
     mesh = init_process_groups(mesh)  # tp / dp / ep groups, created in the same order everywhere
     if cfg.deterministic:
         # torch imports its compiler stack here (torch._inductor): seconds on a busy CPU.

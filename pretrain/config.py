@@ -101,6 +101,10 @@ class ParallelConfig(StrictModel):
 
     tensor_parallel: int = Field(1, ge=1)
     expert_parallel: int = Field(1, ge=1)
+    # Process-group timeout: a collective that waits longer (a hung or dead rank) fails the
+    # job instead of holding the allocation; with TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+    # (slurm/train.sbatch) NCCL aborts. Raise it if a checkpoint save outlasts it.
+    timeout_minutes: float = Field(10.0, gt=0)
 
 
 class TrainConfig(StrictModel):

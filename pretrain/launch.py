@@ -69,7 +69,10 @@ def extensions_dir() -> str:
     return str(Path(get_default_build_root()) / f"env-{env_key}")
 
 
-def init_distributed(de: DistEnv, cuda: bool) -> None:
+def init_distributed(de: DistEnv, cuda: bool, timeout_minutes: float = 10.0) -> None:
+    """The default process group; `timeout_minutes` is the config's parallel.timeout_minutes."""
+    from datetime import timedelta
+
     import deepspeed
     import torch
 
@@ -77,7 +80,11 @@ def init_distributed(de: DistEnv, cuda: bool) -> None:
         torch.cuda.set_device(de.local_rank)
     elif de.local_rank == 0:
         clear_stale_jit_lock("deepspeed_shm_comm")
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if cuda else "gloo",
+        verbose=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
 
 
 STALE_LOCK_SECONDS = 900

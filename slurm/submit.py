@@ -15,13 +15,20 @@
         one evaluation job per run or checkpoint (slurm/eval.sbatch)
 
 Job ids come from `sbatch --parsable`. `--dry-run` prints the sbatch commands with
-placeholder ids instead of submitting. Extra `--sbatch` arguments (account, partition,
-qos) are passed to every job.
+placeholder ids instead of submitting, and writes nothing. Extra `--sbatch` arguments
+(account, partition, qos) are passed to every job. Every config, path and suite a chain
+needs is checked before the first sbatch; the log directories are created before it.
+
+In a container (every job: data, train, eval, sweep; see slurm/container.py):
+    python -m slurm.submit --container IMAGE [--container-runtime pyxis|apptainer]
+        [--container-mounts /data:/data,/scratch] sweep ...
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -29,15 +36,21 @@ from pathlib import Path
 
 from mop.config import parse_args_with_overrides
 from mop.errors import UserError, cli_entry
+from slurm.container import Container, parse_container
 
 SLURM_DIR = Path(__file__).resolve().parent
+# `key=value` (a dotted config override), as opposed to a file path
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
 
 
 class Submitter:
-    def __init__(self, dry_run: bool, extra: list[str]):
+    def __init__(self, dry_run: bool, extra: list[str], container: Container | None = None):
         self.dry_run = dry_run
         self.extra = extra
         self.count = 0
+        # what each job's environment gets on top of the submitter's (sbatch exports it):
+        # where slurm/launch.sh is, and the container to run in
+        self.env = {"MOP_SLURM_DIR": str(SLURM_DIR), **(container.job_env() if container else {})}
 
     def sbatch(
         self,
@@ -53,10 +66,15 @@ class Submitter:
         self.count += 1
         if self.dry_run:
             job = f"<job{self.count}>"
-            print(f"{job} = {shlex.join(cmd)}")
+            env = [f"{k}={v}" for k, v in self.env.items() if k != "MOP_SLURM_DIR"]
+            print(f"{job} = {shlex.join([*env, *cmd])}")
             return job
+        for log_dir in log_dirs(script, cmd):
+            log_dir.mkdir(parents=True, exist_ok=True)  # sbatch cannot create them
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, check=False, env={**os.environ, **self.env}
+            )
         except FileNotFoundError:
             raise UserError(
                 "sbatch not found: run on a SLURM login node, or use --dry-run"
@@ -68,10 +86,29 @@ class Submitter:
         return job
 
 
+def log_dirs(script: str, cmd: list[str]) -> list[Path]:
+    """Directories of the job's --output/--error files: from the command line, else from the
+    script's #SBATCH lines (relative to the submit directory, as sbatch reads them). A
+    directory part with a %-pattern is left alone (it is only known in the job)."""
+    found: dict[str, str] = {}
+    lines = (SLURM_DIR / script).read_text().splitlines()
+    directives = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    for arg in [*directives, *cmd]:  # later wins, as in sbatch
+        m = re.match(r"^(--output|--error|-o|-e)[= ](\S+)", arg.strip())
+        if m:
+            found["--output" if m[1] in ("--output", "-o") else "--error"] = m[2]
+    dirs = []
+    for pattern in found.values():
+        parent = Path(pattern).parent
+        if "%" not in str(parent) and str(parent) != ".":
+            dirs.append(parent)
+    return dirs
+
+
 def submit_data(sub: Submitter, config: str, tasks: int, overrides: list[str]) -> list[str]:
     if tasks < 1:
         raise UserError(f"--tasks must be >= 1, got {tasks}")
-    Path("logs").mkdir(exist_ok=True)
+    _check_data_config(config, overrides)  # a bad config fails here, not in the queue
     tok = sub.sbatch("data_prep_tokenizer.sbatch", [config, *overrides])
     arr = sub.sbatch(
         "data_prep_tokenize.sbatch",
@@ -98,25 +135,29 @@ def submit_sweep(
 ) -> list[str]:
     if not models:
         raise UserError("--models needs at least one model config")
-    Path("logs").mkdir(exist_ok=True)
-    jobs = []
-    for model in models:
+    if any(o.startswith("run_dir=") for o in overrides):
+        raise UserError("a sweep names each run itself: use --runs-dir, not run_dir=")
+    planned = []
+    for model in models:  # every job's config is checked before the first is queued
         if not Path(model).is_file():
             raise UserError(f"model config not found: {model}")
         name = Path(model).stem
-        if any(o.startswith("run_dir=") for o in overrides):
-            raise UserError("a sweep names each run itself: use --runs-dir, not run_dir=")
         run_dir = sweep_run_dir(runs_dir, model)
         job_overrides = [f"model={model}", f"run_dir={run_dir}", f"logging.run_name={name}"]
         job_overrides += overrides
         _check_train_config(config, job_overrides)  # a bad value fails here, not in the queue
-        args = [config, *job_overrides]
-        jobs.append(
-            sub.sbatch(
-                "train.sbatch", args, options=[f"--job-name=train-{name}"], after=after or None
-            )
-        )
-    return jobs
+        planned.append((name, [config, *job_overrides]))
+    return [
+        sub.sbatch("train.sbatch", args, options=[f"--job-name=train-{name}"], after=after or None)
+        for name, args in planned
+    ]
+
+
+def split_models(models: list[str]) -> tuple[list[str], list[str]]:
+    """`--models a.yaml b.yaml max_steps=10`: argparse hands the override to --models;
+    give it back. Returns (model files, overrides)."""
+    files = [m for m in models if not OVERRIDE.match(m)]
+    return files, [m for m in models if OVERRIDE.match(m)]
 
 
 def submit_eval(
@@ -132,7 +173,10 @@ def submit_eval(
     from eval.suites import parse_suites
 
     parse_suites(suite)  # an unknown suite fails here, not in the queue
-    Path("logs").mkdir(exist_ok=True)
+    if not after:  # a run still to be trained (--after, sweep --eval) does not exist yet
+        for ckpt in checkpoints:
+            if not Path(ckpt).exists():
+                raise UserError(f"run directory or checkpoint not found: {ckpt}")
     jobs = []
     for ckpt in checkpoints:
         name = Path(ckpt).name
@@ -154,6 +198,13 @@ def _check_train_config(config: str, overrides: list[str]) -> None:
     load_config(TrainConfig, config, overrides)
 
 
+def _check_data_config(config: str, overrides: list[str]) -> None:
+    from data_prep.config import DataPrepConfig
+    from mop.config import load_config
+
+    load_config(DataPrepConfig, config, overrides)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -168,6 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="ARG",
         help="extra sbatch argument for every job, e.g. --sbatch=--account=abc",
+    )
+    ap.add_argument(
+        "--container",
+        metavar="IMAGE",
+        help="run every job in this image (pyxis: squashfs file or image name; apptainer: .sif)",
+    )
+    ap.add_argument(
+        "--container-runtime",
+        default="pyxis",
+        help="pyxis (srun --container-image) or apptainer (apptainer exec --nv); default pyxis",
+    )
+    ap.add_argument(
+        "--container-mounts",
+        metavar="SRC[:DST],...",
+        help="more mounts besides the submit directory, e.g. /data:/data,/scratch",
     )
     sp = ap.add_subparsers(dest="cmd", required=True)
     d = sp.add_parser("data", help="tokenizer -> tokenize array -> merge")
@@ -203,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
     args = parse_args_with_overrides(ap, argv)
-    sub = Submitter(args.dry_run, args.sbatch)
+    container = parse_container(args.container, args.container_runtime, args.container_mounts)
+    sub = Submitter(args.dry_run, args.sbatch, container)
     if args.cmd == "data":
         submit_data(sub, args.config, args.tasks, args.overrides)
     elif args.cmd == "eval":
@@ -215,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.config or not args.models:
             raise UserError("sweep needs a training config and --models (or --grid GRID)")
+        args.models, moved = split_models(args.models)
+        # in command-line order, so that the last of two values for one key wins
+        given = list(sys.argv[1:] if argv is None else argv)
+        args.overrides = sorted([*args.overrides, *moved], key=given.index)
         if args.eval:
             from eval.suites import parse_suites
 

@@ -34,6 +34,7 @@ def test_eval_job_scores_a_run_and_a_resubmission_skips_what_is_done(tmp_path):
     env = {
         **os.environ,
         "PY": str(REPO / ".venv/bin/python"),
+        "MOP_SLURM_DIR": str(REPO / "slurm"),  # submitted from elsewhere than the repo
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
         "HF_DATASETS_OFFLINE": "1",

@@ -70,6 +70,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
     env = {
         **os.environ,
         "PY": str(REPO / ".venv/bin/python"),
+        "MOP_SLURM_DIR": str(REPO / "slurm"),  # submitted from elsewhere than the repo
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
     }
@@ -136,6 +137,7 @@ def test_two_tasks_under_srun_form_one_job(tmp_path):
     env = {
         **os.environ,
         "PY": str(REPO / ".venv/bin/python"),
+        "MOP_SLURM_DIR": str(REPO / "slurm"),  # submitted from elsewhere than the repo
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
     }

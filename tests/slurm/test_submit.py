@@ -14,8 +14,12 @@ FAKE_SBATCH = """#!/usr/bin/env bash
 n=$(( $(cat "$FAKE_DIR/count" 2>/dev/null || echo 100) + 1 ))
 echo $n > "$FAKE_DIR/count"
 echo "$*" >> "$FAKE_DIR/calls"
+# what the job would see: the log directory (sbatch cannot create it) and the environment
+if [ -d logs ]; then echo yes; else echo no; fi >> "$FAKE_DIR/logs_seen"
+env | grep '^MOP_' | sort > "$FAKE_DIR/env.$n"
 echo "$n;cluster"
 """
+TINY_DATA = str(REPO / "configs/data/tiny.yaml")
 
 
 def _fake_env(tmp_path: Path) -> dict[str, str]:
@@ -41,7 +45,7 @@ def test_data_chain_dependencies(tmp_path):
             "slurm.submit",
             "--sbatch=--account=abc",
             "data",
-            "configs/data/tiny.yaml",
+            TINY_DATA,
             "--tasks",
             "4",
             "workers=2",
@@ -55,15 +59,18 @@ def test_data_chain_dependencies(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 3
     tok, arr, merge = calls
-    assert "data_prep_tokenizer.sbatch configs/data/tiny.yaml workers=2" in tok
+    assert f"data_prep_tokenizer.sbatch {TINY_DATA} workers=2" in tok
     assert "--array=0-3" in arr and "--dependency=afterok:101" in arr
     assert "--dependency=afterok:102" in merge and "data_prep_merge.sbatch" in merge
     assert all("--account=abc" in c for c in calls)
+    # logs/ (the scripts' --output directory) existed before the first sbatch
+    assert (tmp_path / "logs_seen").read_text().split() == ["yes"] * 3
+    assert f"MOP_SLURM_DIR={REPO / 'slurm'}" in (tmp_path / "env.101").read_text()
 
 
 def test_dry_run_and_errors(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "slurm.submit", "--dry-run", "data", "c.yaml", "--tasks", "2"],
+        [sys.executable, "-m", "slurm.submit", "--dry-run", "data", TINY_DATA, "--tasks", "2"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -71,7 +78,7 @@ def test_dry_run_and_errors(tmp_path):
     assert proc.returncode == 0
     assert proc.stdout.count("sbatch --parsable") == 3 and "afterok:<job2>" in proc.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "slurm.submit", "--dry-run", "data", "c.yaml", "--tasks", "0"],
+        [sys.executable, "-m", "slurm.submit", "--dry-run", "data", TINY_DATA, "--tasks", "0"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -188,3 +195,121 @@ def test_eval_jobs_pass_their_arguments(tmp_path):
     assert len(calls) == 2 and all("--qos=low" in c and "afterok:9" in c for c in calls)
     assert calls[0].endswith("eval.sbatch runs/a --suite math --limit=50")
     assert "--job-name=eval-step_00000100" in calls[1]
+
+
+def _submit(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "slurm.submit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+def test_every_config_of_a_chain_is_checked_before_the_first_sbatch(tmp_path):
+    """A missing or invalid config, or a missing run directory, is one `error:` line and a
+    non-zero exit; nothing is queued and nothing is written."""
+    env = _fake_env(tmp_path)
+    cases = [
+        (["data", "missing.yaml"], ["config file not found: missing.yaml"]),
+        (["data", TINY_DATA, "workers=0"], ["workers"]),
+        (["data", str(REPO / "configs/train/tiny_cpu.yaml")], ["output_dir"]),
+        (["eval", "runs/nope"], ["not found: runs/nope"]),
+        (["eval", "runs/a", "--suite", "bogus"], ["bogus"]),
+    ]
+    for args, needles in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        _one_error_line(_submit(args, tmp_path, env), *needles)
+        assert not (tmp_path / "calls").exists(), args
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, args
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    """--dry-run prints the chain and leaves the directory as it was (no logs/ either)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "runs" / "a").mkdir(parents=True)
+    before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+    chains = [
+        ["data", TINY_DATA, "--tasks", "2"],
+        ["eval", "runs/a"],
+        ["sweep", str(REPO / "configs/train/tiny_cpu.yaml"), "--models"]
+        + [str(REPO / "configs/model/tiny_dense.yaml"), "--eval", "ppl", "max_steps=30"],
+    ]
+    for args in chains:
+        proc = _submit(["--dry-run", "--sbatch=--output=joblogs/%j.out", *args], work)
+        assert proc.returncode == 0, proc.stderr
+        assert "<job1> = " in proc.stdout
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == before
+
+
+def test_sweep_override_after_models_is_an_override(tmp_path):
+    env = _fake_env(tmp_path)
+    tiny = str(REPO / "configs/train/tiny_cpu.yaml")
+    dense = str(REPO / "configs/model/tiny_dense.yaml")
+    proc = _submit(
+        ["sweep", tiny, "max_steps=5", "--models", dense, "max_steps=7", "optim.lr=0.01"],
+        tmp_path,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    # both reach the job, in command-line order (the last max_steps wins in the config)
+    assert call.endswith("max_steps=5 max_steps=7 optim.lr=0.01"), call
+    assert f"model={dense} run_dir=runs/tiny_dense" in call
+    # and a bad one there is validated like any other override
+    bad = _submit(["--dry-run", "sweep", tiny, "--models", dense, "optim.lr=-1"], tmp_path)
+    _one_error_line(bad, "optim.lr")
+
+
+def test_container_flags_reach_every_job(tmp_path):
+    """--container puts the image, runtime and mounts into each job's environment (read by
+    slurm/launch.sh); --sbatch --output directories are created before sbatch."""
+    env = _fake_env(tmp_path)
+    sif = tmp_path / "mop.sif"
+    sif.write_text("image")
+    flags = ["--container", str(sif), "--container-runtime", "apptainer"]
+    flags += ["--container-mounts", f"{tmp_path}:/data:ro", "--sbatch=--output=out/x/%j.log"]
+    proc = _submit([*flags, "data", TINY_DATA, "--tasks", "2"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    proc = _submit(
+        [*flags, "sweep", str(REPO / "configs/train/tiny_cpu.yaml"), "--models"]
+        + [str(REPO / "configs/model/tiny_moe.yaml"), "--eval", "ppl"],
+        tmp_path,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "x").is_dir()
+    scripts = [c.split()[-1] for c in (tmp_path / "calls").read_text().splitlines()]
+    assert len(scripts) == 5  # tokenizer, tokenize, merge, train, eval
+    for n in range(101, 106):
+        job_env = (tmp_path / f"env.{n}").read_text().splitlines()
+        assert f"MOP_CONTAINER_IMAGE={sif}" in job_env
+        assert "MOP_CONTAINER_RUNTIME=apptainer" in job_env
+        assert f"MOP_CONTAINER_MOUNTS={tmp_path}:/data:ro" in job_env
+    dry = _submit(["--dry-run", "--container", "img.sqsh", "eval", str(tmp_path)], tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "MOP_CONTAINER_IMAGE=img.sqsh MOP_CONTAINER_RUNTIME=pyxis sbatch" in dry.stdout
+
+
+def test_container_flag_errors(tmp_path):
+    run = ["eval", str(tmp_path)]
+    cases = [
+        (["--container", "x.sif", "--container-runtime", "docker"], "'docker'"),
+        (["--container", "nope.sif", "--container-runtime", "apptainer"], "nope.sif"),
+        (["--container", "img", "--container-mounts", "rel/dir:/d"], "absolute"),
+        (["--container", "img", "--container-mounts", "/no/such/dir"], "/no/such/dir"),
+        (["--container", "img", "--container-mounts", f"{tmp_path}:rel"], "DST"),
+        (["--container-mounts", str(tmp_path)], "needs --container"),
+    ]
+    for flags, needle in cases:
+        _one_error_line(_submit(["--dry-run", *flags, *run], tmp_path), needle)

@@ -1,0 +1,33 @@
+# Sourced by every slurm/*.sbatch job: the command that starts Python, natively or inside the
+# container that `python -m slurm.submit --container IMAGE` asked for (slurm/container.py sets
+# MOP_CONTAINER_IMAGE, MOP_CONTAINER_RUNTIME=pyxis|apptainer, MOP_CONTAINER_MOUNTS).
+#   mop_python [SRUN_OPTION ...]   fills the array MOP_PY; then: "${MOP_PY[@]}" -m MODULE ...
+#     native     [srun OPTIONS] $PY              (srun only when options are given)
+#     pyxis      srun OPTIONS --container-image=IMAGE --container-mounts=$PWD:$PWD[,MOUNTS]
+#                     --container-workdir=$PWD python      (pyxis lives in srun, so always srun)
+#     apptainer  [srun OPTIONS] apptainer exec --nv --bind $PWD[,MOUNTS] --pwd $PWD IMAGE python
+# The submit directory is mounted at its own path: relative configs, data and run directories
+# mean the same inside. The job's environment (SLURM_*, NCCL_*, WANDB_*) reaches the container:
+# both pyxis and apptainer (without --cleanenv) pass it on.
+mop_python() {
+  local image=${MOP_CONTAINER_IMAGE:-} runtime=${MOP_CONTAINER_RUNTIME:-pyxis}
+  local mounts=${MOP_CONTAINER_MOUNTS:-}
+  MOP_PY=()
+  if [ -z "$image" ]; then
+    if [ $# -gt 0 ]; then MOP_PY=(srun "$@"); fi
+    MOP_PY+=("${PY:-.venv/bin/python}")
+    return 0
+  fi
+  case $runtime in
+    pyxis)
+      MOP_PY=(srun "$@" --container-image="$image" --container-mounts="$PWD:$PWD${mounts:+,$mounts}"
+              --container-workdir="$PWD" python) ;;
+    apptainer)
+      if [ $# -gt 0 ]; then MOP_PY=(srun "$@"); fi
+      MOP_PY+=(apptainer exec --nv --bind "$PWD${mounts:+,$mounts}" --pwd "$PWD" "$image" python) ;;
+    *)
+      echo "error: MOP_CONTAINER_RUNTIME=$runtime: use pyxis or apptainer" >&2
+      exit 2 ;;
+  esac
+  echo "[launch] in container ($runtime): $image"
+}
