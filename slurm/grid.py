@@ -358,7 +358,6 @@ def submit_grid(sub: Any, grid_path: str, grid: GridConfig) -> list[str]:
     `python -m slurm.grid GRID --stage ... --index $SLURM_ARRAY_TASK_ID`, which skips what is
     already finished, so resubmitting a grid only redoes what is missing.
     """
-    Path("logs").mkdir(exist_ok=True)
     n_data, n_runs = len(data_jobs(grid)), len(expand(grid))
     name = Path(grid_path).stem
     data = sub.sbatch(

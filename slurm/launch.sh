@@ -4,7 +4,8 @@
 #   mop_python [SRUN_OPTION ...]   fills the array MOP_PY; then: "${MOP_PY[@]}" -m MODULE ...
 #     native     [srun OPTIONS] $PY              (srun only when options are given)
 #     pyxis      srun OPTIONS --container-image=IMAGE --container-mounts=$PWD:$PWD[,MOUNTS]
-#                     --container-workdir=$PWD python      (pyxis lives in srun, so always srun)
+#                     --container-workdir=$PWD python      (pyxis lives in srun, so always srun;
+#                                                           no OPTIONS: --ntasks=1)
 #     apptainer  [srun OPTIONS] apptainer exec --nv --bind $PWD[,MOUNTS] --pwd $PWD IMAGE python
 # The submit directory is mounted at its own path: relative configs, data and run directories
 # mean the same inside. The job's environment (SLURM_*, NCCL_*, WANDB_*) reaches the container:
@@ -20,6 +21,7 @@ mop_python() {
   fi
   case $runtime in
     pyxis)
+      if [ $# -eq 0 ]; then set -- --ntasks=1; fi  # one process, as natively
       MOP_PY=(srun "$@" --container-image="$image" --container-mounts="$PWD:$PWD${mounts:+,$mounts}"
               --container-workdir="$PWD" python) ;;
     apptainer)

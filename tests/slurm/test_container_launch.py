@@ -75,54 +75,59 @@ JOBS = [
     ("data_prep_merge.sbatch", ["c.yaml"], "-m data_prep merge --config c.yaml"),
     ("eval.sbatch", ["runs/a"], "-m eval --checkpoint runs/a --suite all"),
     ("train.sbatch", ["t.yaml", "max_steps=3"], "-m pretrain --config t.yaml max_steps=3"),
+    ("grid.sbatch", ["g.yaml", "report"], "-m slurm.grid g.yaml --stage report"),
 ]
 
 
+def _expected(mode: str, work: Path, tail: str, srun: str = "") -> str:
+    """The launch line of one job step: `srun` options only for the trainer."""
+    if mode == "native":
+        return f"{srun}{work.parent}/bin/fakepy {tail}" if srun else f"fakepy {tail}"
+    if mode == "pyxis":  # pyxis lives in srun: every step is an srun with the container flags
+        return (
+            f"{srun or 'srun --ntasks=1 '}--container-image=/img/mop.sqsh "
+            f"--container-mounts={work}:{work},/data:/data:ro --container-workdir={work} "
+            f"python {tail}"
+        )
+    return f"{srun}apptainer exec --nv --bind {work} --pwd {work} /img/mop.sif python {tail}"
+
+
+MODES = {
+    "native": {},
+    "pyxis": {"MOP_CONTAINER_IMAGE": "/img/mop.sqsh", "MOP_CONTAINER_MOUNTS": "/data:/data:ro"},
+    "apptainer": {"MOP_CONTAINER_IMAGE": "/img/mop.sif", "MOP_CONTAINER_RUNTIME": "apptainer"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("script,args,tail", JOBS, ids=[j[0] for j in JOBS])
-def test_each_job_runs_in_the_container_it_is_given(tmp_path, script, args, tail):
+def test_each_job_runs_in_the_container_it_is_given(tmp_path, script, args, tail, mode):
     work = tmp_path / "work"
-    train = script == "train.sbatch"
-    srun = "srun --kill-on-bad-exit=1 " if train else ""  # training: one srun task per GPU
-    # natively: the job's Python ($PY)
-    (native, _) = _run_job(tmp_path, script, args)
-    assert native == (f"{srun}{tmp_path}/bin/fakepy {tail}" if train else f"fakepy {tail}")
-    # pyxis lives in srun: every job step is an srun with the container flags
-    (pyxis, _) = _run_job(
-        tmp_path,
-        script,
-        args,
-        MOP_CONTAINER_IMAGE="/img/mop.sqsh",
-        MOP_CONTAINER_MOUNTS="/data:/data:ro",
-    )
-    assert pyxis == (
-        f"{srun or 'srun '}--container-image=/img/mop.sqsh "
-        f"--container-mounts={work}:{work},/data:/data:ro --container-workdir={work} "
-        f"python {tail}"
-    )
-    # apptainer: exec --nv with the submit directory bound; training still one srun task per GPU
-    (appt, _) = _run_job(
-        tmp_path,
-        script,
-        args,
-        MOP_CONTAINER_IMAGE="/img/mop.sif",
-        MOP_CONTAINER_RUNTIME="apptainer",
-    )
-    expect = f"apptainer exec --nv --bind {work} --pwd {work} /img/mop.sif python {tail}"
-    assert appt == (f"{srun}{expect}" if srun else expect)
+    lines = _run_job(tmp_path, script, args, **MODES[mode])
+    calls = lines[::2]  # each call is followed by its environment line
+    if script != "train.sbatch":
+        assert calls == [_expected(mode, work, tail)]
+        return
+    # the trainer: pretrain.doctor first, as one process, then one srun task per GPU
+    doctor = tail.replace("-m pretrain ", "-m pretrain.doctor --fast ")
+    assert calls == [
+        _expected(mode, work, doctor),
+        _expected(mode, work, tail, srun="srun --kill-on-bad-exit=1 "),
+    ]
 
 
 def test_native_python_is_the_jobs_py(tmp_path):
     (line, _) = _run_job(tmp_path, "data_prep_merge.sbatch", ["c.yaml"])
     assert line == "fakepy -m data_prep merge --config c.yaml"
-    (line, _) = _run_job(tmp_path, "train.sbatch", ["t.yaml"])
+    line = _run_job(tmp_path, "train.sbatch", ["t.yaml"])[2]
     assert line == f"srun --kill-on-bad-exit=1 {tmp_path}/bin/fakepy -m pretrain --config t.yaml"
 
 
 def test_training_job_sets_the_distributed_defaults(tmp_path):
-    (_, env) = _run_job(tmp_path, "train.sbatch", ["t.yaml"], MOP_CONTAINER_IMAGE="img")
+    env = _run_job(tmp_path, "train.sbatch", ["t.yaml"], MOP_CONTAINER_IMAGE="img")[3]
     assert env == "env TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=WARN"
     # a value the user exported wins
-    (_, env) = _run_job(tmp_path, "train.sbatch", ["t.yaml"], NCCL_DEBUG="INFO")
+    env = _run_job(tmp_path, "train.sbatch", ["t.yaml"], NCCL_DEBUG="INFO")[3]
     assert env == "env TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=INFO"
 
 

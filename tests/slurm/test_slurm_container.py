@@ -136,5 +136,7 @@ def test_sweep_jobs_run_through_pyxis_and_apptainer(tmp_path):
         "srun --kill-on-bad-exit=1 --container-image=/images/mop.sqsh "
         f"--container-mounts={work}:{work} --container-workdir={work} {tail}" in calls
     ), calls
-    # the training job's distributed defaults reached the container
-    assert calls.count("env TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=WARN") == 1
+    # the training job's distributed defaults reached the container (pretrain.doctor's and
+    # the trainer's apptainer exec)
+    envs = [line for line in calls.splitlines() if line.startswith("env ")]
+    assert envs == ["env TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=WARN"] * 2, envs
