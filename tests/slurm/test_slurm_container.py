@@ -91,7 +91,7 @@ def test_sweep_jobs_run_through_pyxis_and_apptainer(tmp_path):
     }
     env = {k: v for k, v in env.items() if not k.startswith(("NCCL_", "TORCH_NCCL_"))}
     sbatch = ["--sbatch=--gpus-per-node=0", "--sbatch=--ntasks-per-node=1"]
-    sbatch += ["--sbatch=--cpus-per-task=1", "--sbatch=--time=10"]
+    sbatch += ["--sbatch=--cpus-per-task=1", "--sbatch=--time=30"]  # USR1 comes at limit-5min
     runs = {
         "apptainer": [
             "--container",
