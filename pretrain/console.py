@@ -8,8 +8,9 @@ never disagree. Other ranks print nothing.
 
 Start-up is quiet: `quiet_third_party` pins DeepSpeed's logger at WARNING, `filter_known_chatter`
 drops DeepSpeed's op-build print of a normal CPU start, matched by its exact text, so any
-other message still shows. (DS_ACCELERATOR, set by pretrain.launch, avoids its accelerator
-guess warning.)
+other message still shows, and ignores the one torch deprecation warning DeepSpeed's ZeRO
+triggers on every multi-process start (`KNOWN_WARNINGS`, by exact message). (DS_ACCELERATOR,
+set by pretrain.launch, avoids DeepSpeed's accelerator-guess warning.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -62,9 +64,19 @@ def announce_start(argv: list[str]) -> None:
         print(f"{PREFIX} starting: importing torch ... (+{process_age():.1f}s)", flush=True)
 
 
+# Warnings every normal start prints, from code that is not ours: (message regex, category).
+KNOWN_WARNINGS = (
+    # DeepSpeed's ZeRO calls it on every multi-process start, once per rank (torch 2.13)
+    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),
+)
+
+
 def quiet_third_party() -> None:
-    """DeepSpeed logs INFO lines (config dumps, timers) from every rank; keep its warnings."""
+    """DeepSpeed logs INFO lines (config dumps, timers) from every rank: keep it at WARNING.
+    Ignore the `KNOWN_WARNINGS` by their exact message; every other warning still shows."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 @contextlib.contextmanager

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pretrain.console import Console, filter_known_chatter, model_label
+from pretrain.console import Console, filter_known_chatter, model_label, quiet_third_party
 from tests.pretrain.conftest import REPO, subprocess_env, train_overrides
 
+TINY = str(REPO / "configs/train/tiny_cpu.yaml")
 STEP_LINE = re.compile(
     r"^\[train\] step (\d+)/(\d+) \| loss (\d+\.\d{4}) \| lr \S+ \| grad norm \d+\.\d+ \| "
     r"\S+ tok/s \| MFU \S+ \| peak RSS [\d.]+ [KMG]?B \| ETA \S+$"
@@ -188,3 +189,43 @@ def test_model_label(tmp_path):
     assert model_label(str(cfg), ["model=configs/model/moe_d512_e8.yaml"]) == "moe_d512_e8"
     cfg.write_text("model:\n  d_model: 8\n")
     assert model_label(str(cfg), []) == "inline"
+
+
+def test_known_third_party_warning_is_ignored_others_shown():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn(
+            "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+            "`torch.distributed.all_gather_single` instead.",
+            FutureWarning,
+            stacklevel=1,
+        )
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_two_processes_print_once_and_no_warnings(data_dir, tmp_path):
+    """Under torchrun only rank 0 prints, and a normal multi-process start shows no
+    third-party warnings (DeepSpeed's ZeRO triggers a torch FutureWarning on each rank)."""
+    from pretrain.launch import free_port
+
+    over = train_overrides(
+        data_dir,
+        tmp_path,
+        max_steps=2,
+        **{"parallel.expert_parallel": 2, "eval.interval": 0, "schedule.warmup_steps": 1},
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd = [*torchrun, f"--master_port={free_port()}", "-m", "pretrain", "--config", TINY]
+    res = subprocess.run(
+        [*cmd, *over], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count("[train] fresh start") == 1
+    assert res.stdout.count("[train] starting: importing torch") == 1
+    assert "[train] layout: world 2 (dp 2, tp 1, ep 2)" in res.stdout
+    assert [int(m[1]) for ln in res.stdout.splitlines() if (m := STEP_LINE.match(ln))] == [1, 2]
+    assert "Warning" not in res.stderr and "[WARNING]" not in res.stdout + res.stderr, res.stderr
