@@ -257,7 +257,11 @@ def test_train_sbatch_stops_before_srun_on_a_problem(tmp_path):
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = subprocess_env(
-        PATH=f"{bin_dir}:{subprocess_env()['PATH']}", PY=sys.executable, SLURM_SUBMIT_DIR=str(REPO)
+        PATH=f"{bin_dir}:{subprocess_env()['PATH']}",
+        PY=sys.executable,
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_NTASKS="16",  # the job's layout, passed to the doctor as flags
+        SLURM_NTASKS_PER_NODE="8(x2)",
     )
     res = subprocess.run(
         ["bash", str(REPO / "slurm/train.sbatch"), TINY, f"data.data_dir={tmp_path / 'none'}"],
@@ -270,6 +274,7 @@ def test_train_sbatch_stops_before_srun_on_a_problem(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "[train.sbatch] pretrain.doctor found a problem (see above): not starting" in res.stdout
     assert "data          fail" in res.stdout
+    assert "world 16 (dp 16, tp 1, ep 1), 8 per node" in res.stdout
     assert not (tmp_path / "srun_called").exists()
 
 

@@ -108,8 +108,9 @@ def test_each_job_runs_in_the_container_it_is_given(tmp_path, script, args, tail
     if script != "train.sbatch":
         assert calls == [_expected(mode, work, tail)]
         return
-    # the trainer: pretrain.doctor first, as one process, then one srun task per GPU
-    doctor = tail.replace("-m pretrain ", "-m pretrain.doctor --fast ")
+    # the trainer: pretrain.doctor first, as one process (told the job's layout: inside a
+    # one-task step SLURM_NTASKS is the step's), then one srun task per GPU
+    doctor = tail.replace("-m pretrain ", "-m pretrain.doctor --fast --world-size 1 ")
     assert calls == [
         _expected(mode, work, doctor),
         _expected(mode, work, tail, srun="srun --kill-on-bad-exit=1 "),
