@@ -79,21 +79,40 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+class _ChatterFilter(io.TextIOBase):
+    """A stream that forwards each complete line at once, unless it is `KNOWN_CHATTER` (so a
+    message printed while a start-up phase hangs still shows)."""
+
+    def __init__(self, real: TextIO):
+        self.real, self._partial = real, ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if not any(p.search(line) for p in KNOWN_CHATTER):
+                self.real.write(line + "\n")
+        self.real.flush()
+        return len(text)
+
+    def close_block(self) -> None:
+        if self._partial and not any(p.search(self._partial) for p in KNOWN_CHATTER):
+            self.real.write(self._partial)
+        self.real.flush()
+
+
 @contextlib.contextmanager
 def filter_known_chatter(stream_name: str = "stdout") -> Iterator[None]:
-    """Capture `sys.<stream_name>` in the block and write back every line that is not a known
-    DeepSpeed start-up message (`KNOWN_CHATTER`)."""
+    """In the block, `sys.<stream_name>` drops the known DeepSpeed start-up lines
+    (`KNOWN_CHATTER`) and passes every other line through as it is written."""
     real = getattr(sys, stream_name)
-    buf = io.StringIO()
-    setattr(sys, stream_name, buf)
+    filtered = _ChatterFilter(real)
+    setattr(sys, stream_name, filtered)
     try:
         yield
     finally:
         setattr(sys, stream_name, real)
-        for line in buf.getvalue().splitlines():
-            if not any(p.search(line) for p in KNOWN_CHATTER):
-                real.write(line + "\n")
-        real.flush()
+        filtered.close_block()
 
 
 def peak_memory_bytes() -> tuple[int, str]:
