@@ -5,7 +5,11 @@
 results.json for that task:
 
 - phone-book: greedy-decode as many tokens as the answer has and count exact matches of the
-  whole answer (the 8 digits) -> {"phonebook": {"book_size", "accuracy", "n"}}.
+  whole answer (the 8 digits); beside it the fraction of digits right at their position
+  (chance 0.1) and the loss on the book: the mean cross-entropy per digit of the reference
+  number given the name, teacher-forced (nats; chance ln 10 = 2.30), over the queried
+  entries, which are entries of the training book -> {"phonebook": {"book_size",
+  "accuracy", "digit_accuracy", "answer_loss", "n"}}.
 - shortest path: greedy-decode until EOS (or the longest possible path), parse the node list
   and score both the exact reference path and *any* valid shortest path (the reference is
   only the lexicographically smallest one) -> {"shortest_path": {"exact_match",
@@ -76,6 +80,54 @@ def _split_tokens(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     return ids[:k], ids[k:]
 
 
+def _digit_positions(tokenizer, answer: Sequence[int]) -> list[int]:
+    """Positions of an answer whose reference token is a digit (the number, not its space)."""
+    return [j for j, t in enumerate(answer) if tokenizer.decode([t]).strip().isdigit()]
+
+
+def digit_accuracy(
+    generated: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+) -> float:
+    """Fraction of scored positions (`positions[i]` of answer i) where the generation holds
+    the reference token; a generation cut short counts its missing positions as wrong."""
+    right = total = 0
+    for gen, ans, pos in zip(generated, answers, positions):
+        right += sum(j < len(gen) and gen[j] == ans[j] for j in pos)
+        total += len(pos)
+    return right / total if total else 0.0
+
+
+@torch.no_grad()
+def answer_loss(
+    model: nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    positions: Sequence[Sequence[int]],
+    device: torch.device | str,
+    batch_size: int = 64,
+) -> float:
+    """Mean teacher-forced cross-entropy (nats) of the reference answer tokens at `positions`,
+    each sequence fed as training saw it: prompt + answer from position 0."""
+    total, count = 0.0, 0
+    by_len: dict[int, list[int]] = {}
+    for i, (p, a) in enumerate(pairs):
+        by_len.setdefault(len(p) + len(a), []).append(i)
+    for _, idx in sorted(by_len.items()):
+        for lo in range(0, len(idx), batch_size):
+            chunk = idx[lo : lo + batch_size]
+            seqs = torch.tensor([[*pairs[i][0], *pairs[i][1]] for i in chunk], dtype=torch.long)
+            out = model(seqs[:, :-1].to(device))
+            logits = out.logits if hasattr(out, "logits") else out  # a Transformer or a plain LM
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(chunk):
+                k = len(pairs[i][0])
+                for j in positions[i]:
+                    total -= float(logp[row, k + j - 1, seqs[row, k + j]])
+                    count += 1
+    return total / count if count else float("nan")
+
+
 def eval_phonebook(
     model: nn.Module,
     tokenizer,
@@ -83,8 +135,11 @@ def eval_phonebook(
     device: torch.device | str,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of the greedy answer (as many tokens as the reference answer)."""
+    """Exact match of the greedy answer (as many tokens as the reference answer), the digits
+    right at their position, and the teacher-forced loss per digit of the reference."""
     pairs = [_split_tokens(tokenizer, r) for r in rows]
+    positions = [_digit_positions(tokenizer, ans) for _, ans in pairs]
+    generated: list[list[int]] = [[] for _ in pairs]
     correct = 0
     # Group by answer length so each batch decodes exactly its answers' length.
     by_len: dict[int, list[int]] = {}
@@ -94,8 +149,15 @@ def eval_phonebook(
         prompts = [pairs[i][0] for i in idx]
         gens = greedy_generate(model, prompts, n_ans, device=device, batch_size=batch_size)
         correct += sum(gen == pairs[i][1] for i, gen in zip(idx, gens))
+        for i, gen in zip(idx, gens):
+            generated[i] = list(gen)
     n = len(rows)
-    return {"accuracy": correct / n if n else 0.0, "n": n}
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "digit_accuracy": digit_accuracy(generated, [a for _, a in pairs], positions),
+        "answer_loss": answer_loss(model, pairs, positions, device, batch_size),
+        "n": n,
+    }
 
 
 def _max_path_tokens(tokenizer, n_nodes: int) -> int:

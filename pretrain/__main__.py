@@ -113,7 +113,7 @@ def train(
         # gradient buckets (hundreds of MB) with torch.empty on each step and overwrites them,
         # so the fill only costs time (seconds per step on CPU).
         torch.utils.deterministic.fill_uninitialized_memory = False
-    data = TrainData(cfg.data.data_dir, manifest, cfg.data)
+    data = TrainData(cfg.data.data_dir, manifest, cfg.data, pad_multiple=mesh.tp)
     val = None
     if cfg.eval.interval and (manifest.get("validation") or {}).get("num_sequences"):
         val = ValidationSet(cfg.data.data_dir, manifest)
@@ -175,6 +175,13 @@ def train(
         console,
         CheckpointCallback(cfg),  # last: a save sees the step's logging and eval done
     ]
+    if cfg.stop_on_plateau is not None:  # before CheckpointCallback: its stop step is saved
+        from pretrain.plateau import PlateauStop, steps_per_pass
+
+        per_pass = steps_per_pass(data.samples_per_pass, sizes.global_batch)
+        plateau = PlateauStop(cfg.stop_on_plateau, per_pass, logger.log)
+        at = next(i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, CheckpointCallback))
+        trainer.callbacks.insert(at, plateau)
     if profile:
         from pretrain.profiler import ProfilerCallback
 
@@ -182,6 +189,8 @@ def train(
             ProfilerCallback(profile, cfg.run_dir, de.rank, trainer.state.step)
         )
     console.banner(trainer, model_name, "bf16" if ds_cfg.get("bf16") else "fp32", tag)
+    if de.rank == 0 and data.packing == "document":
+        print("[train] document packing: one document per sample at position 0", flush=True)
     try:
         code = trainer.fit()
     finally:

@@ -34,6 +34,12 @@ class DataConfig(StrictModel):
     mixture_period: int = Field(1000, ge=1)
     # Pin the tokenizer: shards made with another tokenizer are refused.
     tokenizer_sha256: str | None = None
+    # How documents become samples (pretrain/data.py). pack: documents concatenated and cut
+    # into seq_len windows (pretraining). document: one document per sample at position 0,
+    # padded to seq_len, padding excluded from the loss (a synthetic task whose eval asks
+    # each entry at position 0, e.g. the phone-book). auto: what the data directory's
+    # manifest asks for (`task.train_packing`, written by the phone-book generator), else pack.
+    packing: Literal["auto", "pack", "document"] = "auto"
 
 
 class OptimConfig(StrictModel):
@@ -75,6 +81,16 @@ class CheckpointConfig(StrictModel):
     interval: int = Field(1000, ge=1)  # steps between saves (plus one at the end / preemption)
     keep_last: int = Field(2, ge=1)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete save
+
+
+class PlateauConfig(StrictModel):
+    """Stop once the training loss averaged over one pass of the data (one epoch: for a
+    synthetic task, the loss on the whole book) has not improved by more than `min_delta`
+    for `patience` passes in a row (pretrain/plateau.py). max_steps still bounds the run."""
+
+    metric: Literal["loss"] = "loss"
+    patience: int = Field(3, ge=1)  # passes without improvement before stopping
+    min_delta: float = Field(1e-3, ge=0)  # an improvement must lower the pass loss by more
 
 
 class EvalConfig(StrictModel):
@@ -126,6 +142,7 @@ class TrainConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     max_steps: int = Field(ge=1)
+    stop_on_plateau: PlateauConfig | None = None  # None: train to max_steps
     max_nonfinite_in_a_row: int = Field(5, ge=1)
     run_dir: str
     seed: int = Field(0, ge=0)  # model init and per-rank RNG seeds

@@ -12,6 +12,18 @@ Global sample i is computed from (seed, i) alone, with no per-run state:
    perm_{seed, s, epoch}(k mod W_s), epoch = k // W_s: every epoch visits every window once,
    in a different order, and a source smaller than its planned share simply repeats.
 
+`data.packing=document` (or `auto` on a directory whose manifest sets `task.train_packing:
+document`, as the phone-book generator does) replaces step 2: each train document is one
+sample, at position 0, right-padded to seq_len + 1 tokens; padded targets are IGNORE_INDEX, so
+the loss covers exactly the document's own next tokens (padded inputs are token 0 and, the
+model being causal, never seen by a real position). A micro-batch is cut to its longest
+document, rounded up to a multiple of `pad_multiple` (the tensor-parallel size, which
+sequence parallel needs), so seq_len is only an upper bound and short entries cost no
+compute for a long seq_len. Padded tokens are still routed by an MoE (they count in its
+load-balancing loss, not in the LM loss). Sample k of source s is then document
+perm_{seed, s, epoch}(k mod D_s): every epoch (one pass of the book) shows every entry once,
+in the same context the eval asks it in. A document longer than seq_len + 1 is an error.
+
 The bijections are Feistel networks over the next power of four with cycle walking, so a
 permutation of billions of windows costs nothing to hold. Data parallel rank r of dp takes
 the samples i of each global batch with i % dp == r; the union over ranks is the same for any
@@ -34,6 +46,7 @@ from mop.fileio import read_json
 from pretrain.config import DataConfig
 
 _MASK64 = (1 << 64) - 1
+IGNORE_INDEX = -100  # targets the loss skips (lm_loss's ignore_index)
 
 
 def mix64(*values: int) -> int:
@@ -142,6 +155,43 @@ class SourceStream:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class DocumentStream:
+    """One source's train documents, one per sample, right-padded with IGNORE_INDEX to
+    seq_len + 1 tokens (`num_windows` and `window(j)` as SourceStream, so the sample order
+    is shared)."""
+
+    def __init__(self, label: str, readers: list[ShardReader], seq_len: int):
+        self.label, self.readers, self.seq_len = label, readers, seq_len
+        self.starts = np.concatenate([[0], np.cumsum([len(r) for r in readers])]).astype(np.int64)
+        self.num_windows = int(self.starts[-1])
+        if self.num_windows == 0:
+            raise DataError(f"source {label!r} has no training documents")
+        longest = max(int(np.diff(r.offsets).max()) for r in readers if len(r))
+        if longest > seq_len + 1:
+            raise DataError(
+                f"source {label!r} has a document of {longest} tokens; data.packing=document "
+                f"needs data.seq_len >= {longest - 1} (one document per sample, never cut)"
+            )
+
+    def window(self, j: int) -> np.ndarray:
+        k = int(np.searchsorted(self.starts, j, side="right")) - 1
+        doc = self.readers[k].document(j - int(self.starts[k]))
+        out = np.full(self.seq_len + 1, IGNORE_INDEX, dtype=np.int64)
+        out[: len(doc)] = doc
+        return out
+
+
+def resolve_packing(cfg: DataConfig, manifest: dict) -> str:
+    """`pack` or `document`: the config's choice, or with `auto` the manifest's hint."""
+    if cfg.packing != "auto":
+        return cfg.packing
+    task = manifest.get("task")
+    hint = task.get("train_packing") if isinstance(task, dict) else None
+    if hint not in (None, "pack", "document"):
+        raise DataError(f"manifest of {cfg.data_dir}: unknown task.train_packing {hint!r}")
+    return hint or "pack"
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T] int64
@@ -153,8 +203,11 @@ class Batch:
 class TrainData:
     """The training stream of a data directory: `sample(i)` and per-rank micro-batches."""
 
-    def __init__(self, data_dir: str | Path, manifest: dict, cfg: DataConfig):
+    def __init__(
+        self, data_dir: str | Path, manifest: dict, cfg: DataConfig, pad_multiple: int = 1
+    ):
         self.data_dir = Path(data_dir)
+        self.pad_multiple = pad_multiple
         self.seq_len, self.seed = cfg.seq_len, cfg.seed
         plan = self._plan(manifest)
         # Sorted labels: the order must not depend on dict order in a JSON file.
@@ -162,13 +215,15 @@ class TrainData:
         if not self.labels:
             raise DataError(f"mixture plan in {self.data_dir} has no source with a positive share")
         self.shares = [float(plan[k]["share"]) for k in self.labels]
-        self.streams = []
+        self.packing = resolve_packing(cfg, manifest)
+        stream_cls = DocumentStream if self.packing == "document" else SourceStream
+        self.streams: list[SourceStream | DocumentStream] = []
         for label in self.labels:
             recs = [s for s in manifest["shards"] if s["source"] == label and s["split"] == "train"]
             if not recs:
                 raise DataError(f"source {label!r} is in the mixture plan but has no train shards")
             readers = [ShardReader(self.data_dir / r["path"], r["dtype"]) for r in recs]
-            self.streams.append(SourceStream(label, readers, cfg.seq_len))
+            self.streams.append(stream_cls(label, readers, cfg.seq_len))
         self.schedule = SourceSchedule(self.shares, cfg.mixture_period, cfg.seed)
         for label, count in zip(self.labels, self.schedule.counts):
             if count == 0:
@@ -193,6 +248,11 @@ class TrainData:
         if not total:
             raise DataError(f"{self.data_dir} has no train shards")
         return {label: {"share": n / total} for label, n in tokens.items()}
+
+    @property
+    def samples_per_pass(self) -> int:
+        """Samples in one pass over the data (every window or document once)."""
+        return sum(s.num_windows for s in self.streams)
 
     def locate(self, i: int) -> tuple[int, int]:
         """Global sample i -> (source index, window index). Pure in (seed, i)."""
@@ -219,8 +279,13 @@ class TrainData:
     def collate(self, ids: list[int]) -> Batch:
         sources, windows = zip(*(self.sample(i) for i in ids))
         arr = torch.from_numpy(np.stack(windows).astype(np.int64))
+        if self.packing == "document":  # drop the columns that are padding in every row
+            longest = int((arr != IGNORE_INDEX).sum(dim=1).max())
+            width = -(-max(longest - 1, 1) // self.pad_multiple) * self.pad_multiple
+            arr = arr[:, : min(width, self.seq_len) + 1]
         return Batch(
-            input_ids=arr[:, :-1].contiguous(),
+            # Padding (document packing) is IGNORE_INDEX: token 0 as input, skipped as target.
+            input_ids=arr[:, :-1].clamp_min(0).contiguous(),
             targets=arr[:, 1:].contiguous(),
             source_ids=torch.tensor(sources, dtype=torch.int64),
             sample_ids=list(ids),

@@ -2,7 +2,8 @@
 
 Exit codes (also returned by `python -m pretrain`):
 
-- 0 `max_steps` reached (a final checkpoint is written).
+- 0 `max_steps` reached, or a callback called `request_stop` (train.stop_on_plateau); a
+  final checkpoint is written.
 - REQUEUE_EXIT_CODE = 75 (EX_TEMPFAIL, not `timeout`'s 124): SIGTERM or SIGUSR1 arrived (SLURM preemption / time limit signal);
   the current step was finished, a checkpoint written, and the job should be requeued. The
   sbatch templates requeue on this code; the next run resumes from the checkpoint.
@@ -172,6 +173,12 @@ class Trainer:
         self.callbacks = callbacks
         self.state = TrainState()
         self.stopping = False  # all ranks agreed to stop after this step (stop signal)
+        self.finished_reason: str | None = None  # set by request_stop: end after this step
+
+    def request_stop(self, reason: str) -> None:
+        """A callback's way to end the run as finished (exit 0, after saving) this step.
+        Callers must decide the same on every rank (e.g. from rank-averaged losses)."""
+        self.finished_reason = reason
 
     # Signals ----------------------------------------------------------------------------------
     @property
@@ -304,6 +311,10 @@ class Trainer:
                         flush=True,
                     )
                 return NONFINITE_EXIT_CODE
+            if self.finished_reason is not None and not self.stopping:
+                if self.mesh.rank == 0:
+                    print(f"[train] finished at step {st.step}: {self.finished_reason}")
+                return 0
             if self.stopping:
                 if self.mesh.rank == 0:
                     print(f"[train] stop signal after step {st.step}: exit {REQUEUE_EXIT_CODE}")
@@ -375,7 +386,12 @@ class CheckpointCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         step = trainer.state.step
-        due = trainer.stopping or step % self.interval == 0 or step == self.max_steps
+        due = (
+            trainer.stopping
+            or trainer.finished_reason is not None  # request_stop: the run ends this step
+            or step % self.interval == 0
+            or step == self.max_steps
+        )
         if result.applied and due:
             trainer.save()
 

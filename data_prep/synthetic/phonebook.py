@@ -9,9 +9,13 @@ Choices (the paper gives sizes 1e5..3e6, 5-letter names, 8-digit numbers, both u
 - Sampling: integer codes drawn uniformly without replacement (`_unique_codes`), then turned
   into characters arithmetically, column by column; no Python loop over entries.
 - Train: the whole book, one entry per document: "abcde: 01234567" + EOS (15 characters,
-  16 tokens). The trainer packs documents into sequences, so the book order is the sampled
-  (random) order. Test: `num_test` distinct entries of the book, prompt "abcde:", answer
-  " 01234567"; score an exact match of the answer.
+  16 tokens). The manifest sets `task.train_packing: document`, so `python -m pretrain`
+  (data.packing=auto) trains each entry as its own sample at position 0, padded, with the
+  padding out of the loss: exactly the context the eval asks in (the paper trains the book
+  as an LM and prompts with the name; packed windows would show most entries only after
+  other entries and an EOS, a context the eval never uses). Test: `num_test` distinct
+  entries of the book, prompt "abcde:" at position 0, answer " 01234567"; score an exact
+  match of the answer, the digits right, and the loss of the answer.
 - Seeds: the book comes from stream (seed, 0) and the test draw from (seed, 1), so changing
   `num_test` does not change the book.
 """
@@ -44,6 +48,7 @@ NAME_SPACE = 26**NAME_LETTERS
 NUMBER_SPACE = 10**NUMBER_DIGITS
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789: "
 SEPARATOR = ": "  # between name and number; the prompt ends at ":"
+TRAIN_PACKING = "document"  # one entry per training sample, at position 0 (see above)
 _CHUNK = 1 << 18  # entries per write batch: bounds memory (~30 MB) without slowing down
 
 
@@ -75,6 +80,7 @@ class PhonebookConfig:
             "number_digits": NUMBER_DIGITS,
             "number_leading_zero": True,
             "document": "one entry per document: '<name>: <number>' + EOS",
+            "train_packing": TRAIN_PACKING,
             "test_prompt": "'<name>:'",
             "test_answer": "' <number>'",
         }
@@ -165,7 +171,13 @@ def write_phonebook(out_dir: str | os.PathLike, cfg: PhonebookConfig) -> dict:
         yield _batch(names[idx], numbers[idx], enc, test=True)
 
     return write_text_task(
-        out_dir, TASK, cfg.to_json(), tok, {"train": train(), "test": test()}, cfg.shard_tokens
+        out_dir,
+        TASK,
+        cfg.to_json(),
+        tok,
+        {"train": train(), "test": test()},
+        cfg.shard_tokens,
+        train_packing=TRAIN_PACKING,
     )
 
 

@@ -16,6 +16,9 @@ Layout of an output directory DIR (phone-book and shortest path):
                                  eval feeds `doc[:k]` and scores `doc[k:-1]` (the answer)
     DIR/manifest.json            written last: {"format": "mop-shards-v1", "tokenizer": ...,
                                  "shards": [record + path/source/split], "task": {...}}
+                                 `task.train_packing` ("document", phone-book) tells
+                                 `python -m pretrain` (data.packing=auto) to train one
+                                 document per sample at position 0 instead of packing
 
 Every file goes through a temporary and an atomic rename, and a run first deletes an old
 manifest.json, so a killed run never leaves a directory that looks complete. Nothing
@@ -219,9 +222,16 @@ def _remove_stale_shards(out_dir: Path, records: list[dict]) -> None:
 
 
 def finish_text_task(
-    out_dir: Path, task: str, config: dict[str, Any], tok: TextTokenizer, records: list[dict]
+    out_dir: Path,
+    task: str,
+    config: dict[str, Any],
+    tok: TextTokenizer,
+    records: list[dict],
+    train_packing: str | None = None,
 ) -> dict:
-    """Write tokenizer files and config.json, then the manifest (last, as the commit mark)."""
+    """Write tokenizer files and config.json, then the manifest (last, as the commit mark).
+
+    `train_packing` ("document" or None) is the manifest's hint to the trainer (see above)."""
     target = tok.save(out_dir)
     atomic_write_json(out_dir / CONFIG, config)
     _remove_stale_shards(out_dir, records)
@@ -235,6 +245,7 @@ def finish_text_task(
             "test_jsonl": "test.jsonl",
             "train_jsonl": "train.jsonl",
             "test_prompt_lengths": f"shards/test/{PROMPT_LENGTHS}",
+            **({"train_packing": train_packing} if train_packing else {}),
         },
     }
     atomic_write_json(out_dir / MANIFEST, manifest)
@@ -248,6 +259,7 @@ def write_text_task(
     tok: TextTokenizer,
     batches: dict[str, Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray | None]]],
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    train_packing: str | None = None,
 ) -> dict:
     """Drive both splits from batch iterators, then finish the task; returns the manifest.
 
@@ -267,7 +279,7 @@ def write_text_task(
             writer.abort()
             raise
         records += writer.finish()
-    return finish_text_task(out, task, config, tok, records)
+    return finish_text_task(out, task, config, tok, records, train_packing)
 
 
 # -- reading (for eval and tests) ---------------------------------------------------------------

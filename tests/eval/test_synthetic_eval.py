@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from data_prep.synthetic.shortest_path import is_valid_shortest_path, parse_path
 from data_prep.synthetic.writer import load_test_set
 from data_prep.tokenizer import load_tokenizer_dir
 from eval.generate import batches, greedy_generate
-from eval.synthetic import detect_task, max_book_size_at, run_synthetic
+from eval.synthetic import detect_task, digit_accuracy, max_book_size_at, run_synthetic
 from mop.errors import DataError
 
 
@@ -87,12 +88,26 @@ def test_phonebook_oracle_scores_one_and_wrong_model_zero(book_dir: Path) -> Non
     assert detect_task(book_dir) == "phonebook"
     oracle = _oracle(tok, rows, lambda r: r["answer"])
     res = run_synthetic(oracle, tok, str(book_dir), None, "cpu")
-    assert res == {"phonebook": {"book_size": 200, "accuracy": 1.0, "n": 50}}
-    # Equal-length prompts: one batch of 50 decodes 9 answer tokens in 9 forwards.
-    assert oracle.calls == 9
+    # One-hot logits of 1.0 on the right token: loss -log(e / (e + V - 1)) per digit.
+    oracle_loss = -math.log(math.e / (math.e + tok.vocab_size - 1))
+    assert res == {
+        "phonebook": {
+            "book_size": 200,
+            "accuracy": 1.0,
+            "digit_accuracy": 1.0,
+            "answer_loss": pytest.approx(oracle_loss),
+            "n": 50,
+        }
+    }
+    # Equal-length prompts: one batch of 50 decodes 9 answer tokens in 9 forwards, and one
+    # teacher-forced forward scores the loss.
+    assert oracle.calls == 9 + 1
 
     wrong = _oracle(tok, rows, lambda r: _shift_digits(r["answer"]))
-    assert run_synthetic(wrong, tok, str(book_dir), None, "cpu")["phonebook"]["accuracy"] == 0.0
+    res = run_synthetic(wrong, tok, str(book_dir), None, "cpu")["phonebook"]
+    assert res["accuracy"] == 0.0 and res["digit_accuracy"] == 0.0
+    # the reference digit gets logit 0 beside the model's 1: -log(1 / (e + V - 1))
+    assert res["answer_loss"] == pytest.approx(math.log(math.e + tok.vocab_size - 1))
 
 
 def test_phonebook_one_wrong_digit_is_wrong_and_limit(book_dir: Path) -> None:
@@ -111,8 +126,17 @@ def test_phonebook_one_wrong_digit_is_wrong_and_limit(book_dir: Path) -> None:
     )
     res = run_synthetic(model, tok, book_dir, None, "cpu", batch_size=7)["phonebook"]
     assert res["accuracy"] == pytest.approx(40 / 50)
+    assert res["digit_accuracy"] == pytest.approx(1 - 10 / (50 * 8))  # 10 of 400 digits wrong
     res = run_synthetic(model, tok, book_dir, 20, "cpu")["phonebook"]
     assert res["n"] == 20 and res["accuracy"] == pytest.approx(10 / 20)
+
+
+def test_digit_accuracy_counts_positions_and_short_generations() -> None:
+    answers = [[9, 1, 2, 3], [9, 4, 5, 6]]  # token 9 is the space: not scored
+    positions = [[1, 2, 3], [1, 2, 3]]
+    # row 0: 2 of 3 digits right; row 1: cut short after one digit (the rest count wrong)
+    assert digit_accuracy([[9, 1, 2, 0], [9, 4]], answers, positions) == pytest.approx(3 / 6)
+    assert digit_accuracy([[0, 1, 2, 3], [9, 4, 5, 6]], answers, positions) == 1.0
 
 
 def _all_shortest_paths(edges: list[list[int]], n: int, src: int, dst: int) -> list[list[int]]:
@@ -300,6 +324,7 @@ def test_real_untrained_model_runs_on_both_text_tasks(book_dir: Path, graph_dir:
         res = run_synthetic(model, tok, data_dir, 8, "cpu")
         (metrics,) = res.values()
         assert metrics["n"] == 8 and model.training  # the mode is restored
-        assert all(
-            0.0 <= v <= 1.0 for k, v in metrics.items() if k not in ("n", "nodes", "book_size")
-        )
+        skip = ("n", "nodes", "book_size", "answer_loss")
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k not in skip)
+        if "answer_loss" in metrics:  # an untrained model is close to a uniform guess
+            assert abs(metrics["answer_loss"] - math.log(tok.vocab_size)) < 0.5
