@@ -59,6 +59,8 @@ BASE_COLUMNS = (
 SYNTHETIC_COLUMNS = (
     "phonebook_book_size",
     "phonebook_accuracy",
+    "phonebook_digit_accuracy",
+    "phonebook_answer_loss",
     "phonebook_max_size",
     "shortest_path_exact_match",
     "shortest_path_valid",
@@ -68,6 +70,8 @@ SYNTHETIC_COLUMNS = (
 SYNTHETIC_FIELDS = {  # column -> (section, key) in the `synthetic` part of results.json
     "phonebook_book_size": ("phonebook", "book_size"),
     "phonebook_accuracy": ("phonebook", "accuracy"),
+    "phonebook_digit_accuracy": ("phonebook", "digit_accuracy"),  # partial recall
+    "phonebook_answer_loss": ("phonebook", "answer_loss"),
     "shortest_path_exact_match": ("shortest_path", "exact_match"),
     "shortest_path_valid": ("shortest_path", "valid_shortest_path"),
     "memorization_accuracy": ("memorization", "accuracy"),
@@ -600,6 +604,21 @@ def _md_table(rows: Sequence[dict], cols: Sequence[str]) -> list[str]:
     return lines
 
 
+def _phonebook_md(rows: Sequence[dict]) -> list[str]:
+    """Per run: exact recall beside the partial measures (digits right, loss on the answer)."""
+    pb = [r for r in rows if r.get("phonebook_accuracy") is not None]
+    if not any(r.get("phonebook_digit_accuracy") is not None for r in pb):
+        return []
+    cols = ["model", "ffn", "num_experts", "total_params", "active_params"]
+    cols += ["phonebook_book_size", "step", "phonebook_accuracy", "phonebook_digit_accuracy"]
+    cols.append("phonebook_answer_loss")
+    return [
+        "",
+        "Phone-book recall per run (exact, per digit, loss on the answer):",
+        "",
+    ] + _md_table(pb, cols)
+
+
 def _memorization_md(rows: Sequence[dict], threshold: float) -> list[str]:
     """Accuracy per model (rows) and n (columns), seeds averaged, plus the maximal n."""
     means = seed_means(rows, "memorization_accuracy", by="memorization_n")
@@ -675,6 +694,7 @@ def write_markdown(
         )
     else:
         lines.append(f"No model reaches accuracy >= {threshold:g} (or no phone-book results).")
+    lines += _phonebook_md(rows)
     lines += _memorization_md(rows, threshold)
     lines += _shortest_path_md(rows)
     lines += ["", "## Plots", ""]

@@ -215,6 +215,17 @@ def make_synthetic_grid(root: Path) -> Path:
             head["model"]["name"] = name
             section = {"shortest_path": {"exact_match": v - 0.1, "valid_shortest_path": v}}
             update_results(run / "checkpoints" / "step_00001000", head, "synthetic", section)
+    for name, ffn, digits in (("dense_d32", "dense", 0.4), ("moe_d32_e8", "moe", 0.6)):
+        run = root / "runs" / f"{name}-n500-s0"
+        head = _header(run, 1000, ffn, 32, 2e4, 2e4)
+        head["model"]["name"] = name
+        pb = {
+            "book_size": 500,
+            "accuracy": digits / 3,
+            "digit_accuracy": digits,
+            "answer_loss": 1.5,
+        }
+        update_results(run, head, "synthetic", {"phonebook": {**pb, "n": 200}})
     return root
 
 
@@ -273,6 +284,12 @@ def test_synthetic_grid_figures_and_their_numbers(tmp_path: Path) -> None:
     dense_line = next(line for line in md.splitlines() if line.startswith("| dense_f32 |"))
     assert "| 0.990 | 0.910 | 0.720 | 4,096 |" in dense_line
     assert "## Shortest path" in md and "| dense_d64 |" in md
+    # Phone-book runs that recall nothing at 90% still show their partial recall.
+    assert "Phone-book recall per run" in md and "| moe_d32_e8 | moe | 8 |" in md
+    assert "| 500 | 1,000 | 0.2 | 0.6 | 1.5 |" in md
+    rows = {r["model"]: r for r in _read_csv(out / "results.csv") if r["phonebook_book_size"]}
+    assert rows["dense_d32"]["phonebook_digit_accuracy"] == "0.4"
+    assert rows["dense_d32"]["phonebook_answer_loss"] == "1.5"
 
 
 def test_grid_threshold_moves_the_maximal_n(tmp_path: Path) -> None:
