@@ -4,41 +4,59 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from data_prep.config import DataPrepConfig
 from data_prep.synthetic.cli import add_parser as add_synthetic_parser
+from mop.cli import ArgumentParser, examples
 from mop.config import load_config, parse_args_with_overrides, to_yaml
-from mop.errors import cli_entry
+from mop.errors import ConfigError, check_dir_target, cli_entry
 
-EPILOG = """\
-examples:
-  python -m data_prep tokenizer --config configs/data/natural_language.yaml
-  python -m data_prep tokenize  --config configs/data/natural_language.yaml workers=8
-  sbatch --array=0-63 slurm/data_prep.sbatch configs/data/natural_language.yaml   # one task per array index
-  python -m data_prep merge     --config configs/data/natural_language.yaml
-  python -m data_prep synthetic phonebook --out data/phonebook_1e5 --size 100000 --seed 0
-
+EPILOG = examples(
+    "python -m data_prep tokenizer --config configs/data/natural_language.yaml",
+    "python -m data_prep tokenize  --config configs/data/natural_language.yaml workers=8",
+    "python -m data_prep tokenize  --config ... --task-index 3 --num-tasks 64 --no-merge",
+    "python -m data_prep merge     --config configs/data/natural_language.yaml",
+    "python -m data_prep verify    --data-dir data/natural_language",
+    "python -m data_prep synthetic phonebook --out data/phonebook_1e5 --size 100000 --seed 0",
+    notes="""\
 Overrides: any config field as dotted key=value after the options, e.g. output_dir=/scratch/nl
-mixture.total_tokens=1e9 sources.0.data_files=/data/fineweb/*.parquet
-"""
+mixture.total_tokens=1e9 sources.0.data_files=/data/fineweb/*.parquet (--dry-run prints the
+resolved config). Outputs: everything goes to output_dir (tokenizer, shards/, manifest.json,
+mixture_plan.json, validation/, config.yaml, logs/); see `<subcommand> --help`.
+On SLURM: python -m slurm.submit data configs/data/natural_language.yaml --tasks 64""",
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="data-prep YAML (see configs/data/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. workers=8 output_dir=/scratch/nl",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m data_prep",
         description="Turn pretraining sources into tokenized, packed, memory-mappable shards.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tokenizer", help="train (or copy in) the tokenizer of a data directory")
+    p = sub.add_parser(
+        "tokenizer",
+        help="train (or copy in) the tokenizer of a data directory",
+        description="Train a tokenizer on a sample of the mixture (or copy in tokenizer.path "
+        "with tokenizer.kind=pretrained) into output_dir, with its sha256.",
+        epilog=examples(
+            "python -m data_prep tokenizer --config configs/data/natural_language.yaml",
+            "python -m data_prep tokenizer --config configs/data/tiny.yaml output_dir=/tmp/d",
+        ),
+    )
     _add_config_args(p)
 
     p = sub.add_parser(
@@ -47,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize the configured sources. Killed runs resume where they stopped; "
         "the result is byte-identical to an uninterrupted run. With one task the merge "
         "step runs at the end.",
+        epilog=examples(
+            "python -m data_prep tokenize --config configs/data/natural_language.yaml workers=16",
+            "python -m data_prep tokenize --config ... --task-index 3 --num-tasks 64 --no-merge",
+        ),
     )
     _add_config_args(p)
     p.add_argument(
@@ -69,15 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "merge", help="check all units, write manifest, mixture plan and validation set"
+        "merge",
+        help="check all units, write manifest, mixture plan and validation set",
+        epilog=examples("python -m data_prep merge --config configs/data/natural_language.yaml"),
     )
     _add_config_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard")
 
     p = sub.add_parser(
-        "verify", help="re-hash every shard of a data directory against its manifest"
+        "verify",
+        help="re-hash every shard and the tokenizer of a data directory against its manifest",
+        description="Check every file that a data directory's manifest.json lists (shards, "
+        "validation sequences, tokenizer; tensors of the memorization task) against its "
+        "recorded sha256. Exit 0: all intact; exit 3: the first damaged or missing file.",
+        epilog=examples(
+            "python -m data_prep verify --data-dir data/natural_language",
+            "python -m data_prep verify --data-dir data/phonebook_1e5",
+        ),
     )
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", required=True, help="a tokenized or synthetic data directory")
 
     add_synthetic_parser(sub)
     return parser
@@ -90,10 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     if args.command == "verify":
         return _verify(args.data_dir)
+    for flag in ("workers", "num_tasks"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     cfg = load_config(DataPrepConfig, args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    check_dir_target(cfg.output_dir, "output_dir")
     if args.command == "tokenizer":
         from data_prep.pipeline import run_tokenizer_stage
 
@@ -116,17 +153,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _verify(data_dir: str) -> int:
-    from pathlib import Path
+    from data_prep.verify import verify_data_dir
 
-    from data_prep.manifest import load_manifest
-    from data_prep.shards import verify_shard
-    from mop.progress import progress
-
-    manifest = load_manifest(data_dir)
-    records = list(manifest["shards"]) + [manifest["validation"]]
-    for rec in progress(records, desc="verify", unit="shard"):
-        verify_shard(Path(data_dir) / rec["path"], rec)
-    print(f"[verify] {len(records)} shard(s) OK in {data_dir}")
+    checked = verify_data_dir(data_dir)
+    print(f"[verify] {checked} file(s) OK in {Path(data_dir)}")
     return 0
 
 

@@ -90,6 +90,15 @@ class DecontamConfig(StrictModel):
     eval_files: list[str] = []  # jsonl/json/parquet files of evaluation sets
     eval_fields: list[str] = []  # fields holding text; empty = every string field
 
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> DecontamConfig:
+        if self.enabled and not self.eval_files:
+            raise ValueError(
+                "decontamination.enabled=true needs decontamination.eval_files=[...] "
+                "(the evaluation sets whose n-grams are removed)"
+            )
+        return self
+
 
 class DataPrepConfig(StrictModel):
     output_dir: str

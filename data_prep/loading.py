@@ -8,9 +8,13 @@ local files are expanded in sorted order, hub shards keep the order `datasets` r
 Both paths run `datasets.load_dataset(..., streaming=True)` and share `_iter_rows`: the
 local path is what tests exercise, the hub path differs only in how the dataset is built.
 Bad rows never stop a job; they come out as `SkippedRow(reason, row)` for the caller to
-count. A unit the parser cannot read at all (e.g. invalid UTF-8 or an unpaired surrogate
-escape that pyarrow refuses) is a `DataError` naming the unit: `datasets` gives no way to
-resume inside such a file, and silently dropping a whole file would bias the mixture.
+count (and the manifest records the counts per reason). A damaged *file* stops the job with a
+`DataError` naming the file and the reason: an empty file, a `.zst` whose frame never ends
+(cut short anywhere, also exactly at a block boundary, where every block still decodes and
+rows would silently be lost), a `.parquet` without its footer, invalid UTF-8 or a line that
+is not JSON (pyarrow refuses the whole file). `datasets` gives no way to resume inside such a
+file, and silently dropping the rest of a file would bias the mixture. Local files are
+checked for completeness (`check_input_file`) before they are read.
 """
 
 from __future__ import annotations
@@ -124,6 +128,98 @@ def infer_builder(files: list[Path]) -> str:
     return builder
 
 
+def check_input_file(path: Path) -> None:
+    """Refuse a local input file that is empty or visibly cut short, before reading it.
+
+    A compressed or columnar file carries its own end mark: the zstd frame's last-block
+    flag (and checksum), the parquet footer. A file cut at a zstd block boundary decodes
+    without any error up to the cut, so only this check sees the missing rows.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"cannot read input file {path}: {exc.strerror}") from None
+    if size == 0:
+        raise DataError(
+            f"input file {path} is empty (0 bytes): an interrupted download or copy? "
+            "fetch it again or remove it from data_files"
+        )
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(max(0, size - 4))
+            tail = fh.read(4)
+        if head != b"PAR1" or tail != b"PAR1" or size < 12:
+            raise DataError(
+                f"input file {path} is not a complete parquet file (no PAR1 footer): "
+                "cut short or not parquet; fetch it again"
+            )
+    elif name.endswith(".zst"):
+        problem = zstd_problem(path)
+        if problem:
+            raise DataError(f"input file {path} is damaged: {problem}; fetch it again")
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_problem(path: Path) -> str | None:
+    """Walk the frames and block headers of a .zst file (no decompression): None if every
+    frame ends with its last block (and checksum), else what is wrong."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        pos = 0
+        frames = 0
+        while pos < size:
+            fh.seek(pos)
+            magic_bytes = fh.read(4)
+            if len(magic_bytes) < 4:
+                return f"cut short at byte {pos} (incomplete frame header)"
+            magic = int.from_bytes(magic_bytes, "little")
+            if 0x184D2A50 <= magic <= 0x184D2A5F:  # skippable frame: 4-byte size, then data
+                skip = fh.read(4)
+                if len(skip) < 4 or pos + 8 + int.from_bytes(skip, "little") > size:
+                    return f"cut short inside a skippable frame at byte {pos}"
+                pos += 8 + int.from_bytes(skip, "little")
+                continue
+            if magic != _ZSTD_MAGIC:
+                what = "not zstd data" if frames == 0 else "garbage after the last frame"
+                return f"{what} at byte {pos}"
+            desc_b = fh.read(1)
+            if not desc_b:
+                return f"cut short at byte {pos} (incomplete frame header)"
+            desc = desc_b[0]
+            fcs_flag, single, checksum, dict_flag = (
+                desc >> 6,
+                desc >> 5 & 1,
+                desc >> 2 & 1,
+                desc & 3,
+            )
+            header = 1 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+            header += (1 if single else 0, 2, 4, 8)[fcs_flag]
+            pos += 4 + header
+            while True:
+                if pos + 3 > size:
+                    return f"cut short at byte {size}: the frame's last block is missing"
+                fh.seek(pos)
+                block = int.from_bytes(fh.read(3), "little")
+                last, kind, block_size = block & 1, block >> 1 & 3, block >> 3
+                if kind == 3:
+                    return f"corrupted block header at byte {pos}"
+                pos += 3 + (1 if kind == 1 else block_size)
+                if pos > size:
+                    return f"cut short at byte {size} inside a block"
+                if last:
+                    break
+            if checksum:
+                pos += 4
+                if pos > size:
+                    return f"cut short at byte {size}: the frame checksum is missing"
+            frames += 1
+    return None if frames else "no zstd frame"
+
+
 def _require_zstandard(example: object) -> None:
     if importlib.util.find_spec("zstandard") is None:
         raise DataError(f"{example} is zstd-compressed: install the `zstandard` package")
@@ -175,6 +271,7 @@ class SourceHandle:
 
     def _unit_dataset(self, index: int) -> datasets.IterableDataset:
         if self.files is not None:
+            check_input_file(self.files[index])
             return _load(self.builder, data_files=[str(self.files[index])], split="train")
         assert self._hub_dataset is not None
         # contiguous sharding into num_shards pieces = exactly one input shard each
@@ -192,6 +289,8 @@ class SourceHandle:
         where = f"source {self.cfg.label!r} unit {index} ({self.unit_name(index)})"
         try:
             dataset = self._unit_dataset(index)
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"{where}: cannot open: {type(exc).__name__}: {exc}") from exc
         rows = _guarded(_rows(dataset), where)

@@ -166,7 +166,6 @@ def run_tokenize_task(
     """Tokenise this task's share of the units; returns (and logs) the summary."""
     out = Path(cfg.output_dir)
     tok = load_tokenizer_dir(out)
-    save_resolved(cfg, out / "config.yaml")
     items = split_work(list_work(cfg), task_index, num_tasks)
     workers = min(workers or cfg.workers, max(1, len(items)))
     decontam = prepare_decontamination(cfg, tok)
@@ -205,6 +204,8 @@ def run_tokenize_task(
     atomic_write_json(
         out / "logs" / f"tokenize-task{task_index:05d}-of-{num_tasks:05d}.json", summary
     )
+    # Only a finished task replaces config.yaml: a failed one leaves the previous config in place.
+    save_resolved(cfg, out / "config.yaml")
     print_summary(summary)
     return summary
 

@@ -31,17 +31,37 @@ class StrictModel(BaseModel):
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(yaml_error_line(path, exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(
+            f"config file {path} must hold a mapping (key: value lines) at the top level, "
+            f"not a {type(data).__name__}"
+        )
     return data
+
+
+def yaml_error_line(path: str | os.PathLike, exc: yaml.YAMLError) -> str:
+    """`file:line:column: what` (1-based, as editors count) for a YAML parser error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    start = getattr(exc, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        context += f" that started at line {start.line + 1}, column {start.column + 1}"
+    what = f"{problem} ({context})" if context else problem
+    return f"{where}: invalid YAML: {' '.join(str(what).split())}"
 
 
 def _parse_value(raw: str) -> Any:

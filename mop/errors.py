@@ -1,4 +1,13 @@
-"""User-facing errors: one clear line, no traceback, a non-zero exit code."""
+"""User-facing errors: one clear line, no traceback, a non-zero exit code.
+
+Exit codes (the README's "When something goes wrong" lists them for users):
+  2   bad input: a config value, a path or a command-line argument (`UserError`, `ConfigError`)
+  3   bad data: a file that is missing, damaged or inconsistent (`DataError`)
+ 65   training stopped: too many non-finite steps in a row (pretrain/trainer.py)
+ 66   damaged state: no intact checkpoint left to resume from (`DamagedStateError`)
+ 75   stopped by a signal after a checkpoint: requeue the job (EX_TEMPFAIL, pretrain/stop.py)
+130   interrupted (Ctrl-C)
+"""
 
 from __future__ import annotations
 
@@ -36,18 +45,37 @@ class DamagedStateError(DataError):
     exit_code = 66
 
 
+def one_line(text: object) -> str:
+    """`text` on one line: messages that quote a parser (pyarrow, YAML) may hold newlines."""
+    return " ".join(str(text).split())
+
+
 def cli_entry(main: F) -> F:
-    """Wrap a CLI main(): UserError -> `error: ...` on stderr and its exit code."""
+    """Wrap a CLI main(): UserError -> `error: ...` (one line) on stderr and its exit code."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            sys.stdout.flush()  # what was printed before stays before the error line
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
             return exc.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_dir_target(path: str, what: str) -> None:
+    """Refuse an output directory path that names an existing file (or sits under one)."""
+    from pathlib import Path
+
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                at = "" if q == p else f" (its parent {q} is a file)"
+                raise UserError(f"{what} {path} is an existing file, not a directory{at}")
+            return

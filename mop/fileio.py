@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mop.errors import DataError
+
 _CHUNK = 1 << 20
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
@@ -68,9 +70,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class DamagedJSONError(DataError, ValueError):
+    """A JSON file that does not parse (a ValueError too, as json's own error is)."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """Parse a JSON file; a truncated or garbled one is a DataError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DamagedJSONError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): "
+            "the file is damaged or was cut short"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DamagedJSONError(f"{path} is not UTF-8 text (byte {exc.start}): damaged") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -21,13 +21,12 @@ recomputes them instead of keeping numbers derived from the old width.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mop.config import StrictModel
-from pretrain.model.peer import PEERConfig
-from pretrain.model.soft_moe import SoftMoEConfig
 
 FFN_MULTIPLE = 128
 
@@ -36,6 +35,83 @@ def default_ffn_hidden(d_model: int) -> int:
     """round_up(8/3 * d, 128): SwiGLU width with the parameters of a 4d two-matrix MLP."""
     raw = (8 * d_model + 2) // 3
     return ((raw + FFN_MULTIPLE - 1) // FFN_MULTIPLE) * FFN_MULTIPLE
+
+
+# The FFN alternatives' configs live here, not beside their layers, so that loading and
+# validating a config never imports torch (a bad config is reported in well under a second).
+
+
+class PEERConfig(StrictModel):
+    """PEER FFN replacement. Paper defaults: N = 1024^2, 8 heads, top_k 16, key_dim 128, BN on."""
+
+    num_experts: int = Field(
+        1024**2, ge=4, description="N single-neuron experts; a perfect square n^2 (product keys)"
+    )
+    num_heads: int = Field(8, ge=1, description="independent retrieval heads sharing the pool")
+    top_k: int = Field(16, ge=1, description="experts retrieved per head (and per sub-key table)")
+    key_dim: int = Field(128, ge=2, description="query dim; each sub-key has key_dim/2")
+    query_batchnorm: bool = Field(
+        False,
+        description="BatchNorm1d on queries as in the paper; couples tokens through batch "
+        "statistics in training mode, so off by default (causal-safe)",
+    )
+    activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="expert nonlinearity")
+
+    @field_validator("num_experts")
+    @classmethod
+    def _perfect_square(cls, value: int) -> int:
+        root = math.isqrt(value)
+        if root * root != value:
+            lo, hi = root * root, (root + 1) ** 2
+            raise ValueError(
+                f"PEER num_experts must be a perfect square n*n because product keys use two "
+                f"sub-key tables of n = sqrt(N) keys each; {value} is not (nearest: {lo} = "
+                f"{root}^2 or {hi} = {root + 1}^2)"
+            )
+        return value
+
+    @field_validator("key_dim")
+    @classmethod
+    def _even_key_dim(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"PEER key_dim must be even (split into two halves), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> PEERConfig:
+        n = math.isqrt(self.num_experts)
+        if self.top_k > n:
+            raise ValueError(
+                f"PEER top_k = {self.top_k} must be <= sqrt(num_experts) = {n}: each sub-key "
+                f"table must supply top_k candidates"
+            )
+        return self
+
+    @property
+    def num_sub_keys(self) -> int:
+        """n = sqrt(N): the size of each of the two sub-key tables."""
+        return math.isqrt(self.num_experts)
+
+
+class SoftMoEConfig(StrictModel):
+    """Soft MoE FFN replacement: `num_experts` SwiGLU experts with `slots_per_expert` slots each."""
+
+    num_experts: int = Field(8, ge=1, description="n: number of SwiGLU experts")
+    slots_per_expert: int = Field(1, ge=1, description="p: slots per expert")
+    ffn_hidden: int | None = Field(
+        None, ge=1, description="hidden width of each expert; None = the model's ffn_hidden"
+    )
+    normalize: bool = Field(
+        False,
+        description="Puigcerver's l2-normalised inputs and slot embeddings times a learned "
+        "scale (initialised to 1); keeps logits bounded when d_model is large",
+    )
+    init: Literal["fan_in", "normal"] = Field(
+        "fan_in",
+        description="fan_in: every matrix N(0, 1/fan_in) (phi is LeCun-normal as in the "
+        "paper); normal: every matrix N(0, init_std^2)",
+    )
+    init_std: float = Field(0.02, gt=0, description="std for init='normal'")
 
 
 class MoEConfig(StrictModel):

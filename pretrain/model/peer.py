@@ -19,69 +19,15 @@ statistics in training mode, which couples tokens of a batch; it is therefore of
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from mop.config import StrictModel
+from pretrain.model.config import PEERConfig  # noqa: F401  (its home: torch-free config)
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-
-
-class PEERConfig(StrictModel):
-    """PEER FFN replacement. Paper defaults: N = 1024^2, 8 heads, top_k 16, key_dim 128, BN on."""
-
-    num_experts: int = Field(
-        1024**2, ge=4, description="N single-neuron experts; a perfect square n^2 (product keys)"
-    )
-    num_heads: int = Field(8, ge=1, description="independent retrieval heads sharing the pool")
-    top_k: int = Field(16, ge=1, description="experts retrieved per head (and per sub-key table)")
-    key_dim: int = Field(128, ge=2, description="query dim; each sub-key has key_dim/2")
-    query_batchnorm: bool = Field(
-        False,
-        description="BatchNorm1d on queries as in the paper; couples tokens through batch "
-        "statistics in training mode, so off by default (causal-safe)",
-    )
-    activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="expert nonlinearity")
-
-    @field_validator("num_experts")
-    @classmethod
-    def _perfect_square(cls, value: int) -> int:
-        root = math.isqrt(value)
-        if root * root != value:
-            lo, hi = root * root, (root + 1) ** 2
-            raise ValueError(
-                f"PEER num_experts must be a perfect square n*n because product keys use two "
-                f"sub-key tables of n = sqrt(N) keys each; {value} is not (nearest: {lo} = "
-                f"{root}^2 or {hi} = {root + 1}^2)"
-            )
-        return value
-
-    @field_validator("key_dim")
-    @classmethod
-    def _even_key_dim(cls, value: int) -> int:
-        if value % 2:
-            raise ValueError(f"PEER key_dim must be even (split into two halves), got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _top_k_fits(self) -> PEERConfig:
-        n = math.isqrt(self.num_experts)
-        if self.top_k > n:
-            raise ValueError(
-                f"PEER top_k = {self.top_k} must be <= sqrt(num_experts) = {n}: each sub-key "
-                f"table must supply top_k candidates"
-            )
-        return self
-
-    @property
-    def num_sub_keys(self) -> int:
-        """n = sqrt(N): the size of each of the two sub-key tables."""
-        return math.isqrt(self.num_experts)
 
 
 def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:

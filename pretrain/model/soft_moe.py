@@ -13,35 +13,13 @@ must not use it (`SoftMoE.causal` is False so a block factory can refuse it with
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from mop.config import StrictModel
-
-
-class SoftMoEConfig(StrictModel):
-    """Soft MoE FFN replacement: `num_experts` SwiGLU experts with `slots_per_expert` slots each."""
-
-    num_experts: int = Field(8, ge=1, description="n: number of SwiGLU experts")
-    slots_per_expert: int = Field(1, ge=1, description="p: slots per expert")
-    ffn_hidden: int | None = Field(
-        None, ge=1, description="hidden width of each expert; None = the model's ffn_hidden"
-    )
-    normalize: bool = Field(
-        False,
-        description="Puigcerver's l2-normalised inputs and slot embeddings times a learned "
-        "scale (initialised to 1); keeps logits bounded when d_model is large",
-    )
-    init: Literal["fan_in", "normal"] = Field(
-        "fan_in",
-        description="fan_in: every matrix N(0, 1/fan_in) (phi is LeCun-normal as in the "
-        "paper); normal: every matrix N(0, init_std^2)",
-    )
-    init_std: float = Field(0.02, gt=0, description="std for init='normal'")
+from pretrain.model.config import SoftMoEConfig  # noqa: F401  (its home: torch-free config)
 
 
 def _entropy(probs: Tensor, dim: int) -> Tensor:

@@ -1,0 +1,33 @@
+"""The argument parser of every entry point: a usage mistake is one `error:` line too.
+
+argparse prints the whole usage block and then `prog: error: ...`; a SLURM log or a
+terminal then shows several lines of which only the last matters. `ArgumentParser` here
+prints the one line, with the command and where to look (`--help`), and exits 2 like
+argparse (and like every `UserError` of the project, see mop/errors.py). Subparsers made
+with `add_subparsers` inherit the class, so subcommands behave the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error and examples kept as written in the epilog."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        print(f"error: {self.prog}: {line} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def examples(*lines: str, notes: str = "") -> str:
+    """An epilog: `examples:` and one command a line (then optional notes), for --help."""
+    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    return f"{text}\n\n{notes.strip()}\n" if notes else text + "\n"
