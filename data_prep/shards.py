@@ -34,6 +34,7 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._offsets = [0]
         self.num_tokens = 0
+        self.max_token_id = -1  # recorded, so a reader can check ids against a model's vocab
 
     @property
     def num_documents(self) -> int:
@@ -51,6 +52,8 @@ class ShardWriter:
         doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
         if flat.size and (flat.min() < 0 or flat.max() > self._max_id):
             raise DataError(f"token id out of range for {self.dtype.name} in shard {self.stem}")
+        if flat.size:
+            self.max_token_id = max(self.max_token_id, int(flat.max()))
         if int(doc_lengths.sum()) != flat.size:
             raise ValueError("doc_lengths do not add up to the number of tokens")
         data = flat.astype(self.dtype, copy=False).tobytes()
@@ -74,6 +77,7 @@ class ShardWriter:
             "dtype": self.dtype.name,
             "sha256": self._sha.hexdigest(),
             "idx_sha256": hashlib.sha256(idx_bytes).hexdigest(),
+            "max_token_id": self.max_token_id,
         }
 
     def abort(self) -> None:
@@ -103,7 +107,15 @@ class ShardReader:
             if size
             else np.zeros(0, dtype=self.dtype)
         )
-        self.offsets = np.load(idx_path, mmap_mode="r")
+        try:
+            self.offsets = np.load(idx_path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(
+                f"shard index {idx_path} is damaged ({' '.join(str(exc).split())}): truncated "
+                "or not written by data_prep; rebuild the data directory (or restore the file)"
+            ) from None
+        if self.offsets.ndim != 1 or len(self.offsets) == 0:
+            raise DataError(f"shard index {idx_path} is damaged: not a 1-D offset array")
         if self.offsets[-1] != len(self.tokens):
             raise DataError(
                 f"shard {self.stem}: index ends at {int(self.offsets[-1])} but .bin holds "

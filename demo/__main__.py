@@ -17,7 +17,6 @@ Every step is the real CLI, so the printed commands are what a user runs on a cl
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import subprocess
@@ -25,24 +24,33 @@ import sys
 import time
 from pathlib import Path
 
+from mop.cli import ArgumentParser, examples
+from mop.errors import UserError, check_dir_target, cli_entry
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str]) -> None:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
-    subprocess.run([sys.executable, *cmd], check=True, cwd=REPO)
+    code = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
+    if code:  # the step printed its own error above; say which step stopped the demo
+        raise UserError(f"demo step failed with exit code {code}: python {shlex.join(cmd)}")
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m demo",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("python -m demo", "python -m demo --out /tmp/demo --docs 30"),
     )
     parser.add_argument("--out", default="demo_out", help="output directory (recreated)")
     parser.add_argument("--docs", type=int, default=60, help="documents per generated file")
     args = parser.parse_args(argv)
+    if args.docs < 1:
+        raise UserError(f"--docs must be >= 1, got {args.docs}")
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    check_dir_target(str(out), "--out")
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()

@@ -25,15 +25,29 @@ import datetime
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from eval.suites import BENCHMARKS, SUITES, parse_suites
-from mop.errors import ConfigError, cli_entry
+from mop.cli import ArgumentParser, check_device, examples
+from mop.errors import ConfigError, DataError, cli_entry
 from mop.progress import eta, fmt_duration
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
+    p = ArgumentParser(
+        prog="python -m eval",
+        description=__doc__.split("\n")[0],
+        epilog=examples(
+            "python -m eval --checkpoint runs/moe_d512_e8 --suite ppl",
+            "python -m eval --checkpoint runs/moe_d512_e8 --suite knowledge,commonsense --limit 100",
+            "python -m eval --checkpoint runs/x/checkpoints/step_00010000 --suite all",
+            "python -m eval --checkpoint runs/pb_1e5/synth12_dense_d256 --suite synthetic",
+            "torchrun --nproc_per_node=8 -m eval --checkpoint runs/x --suite all",
+            notes="Results are merged into results.json beside the checkpoint; tasks already "
+            "there with the same settings are skipped (--redo evaluates them again).",
+        ),
+    )
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, step dir or HF")
     p.add_argument(
         "--suite",
@@ -43,14 +57,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="at most N sequences / documents per task")
     p.add_argument("--data-dir", help="training data directory (default: the checkpoint's)")
     p.add_argument("--benchmark-dir", help="local benchmark files for the lm-eval tasks")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype"
+    )
     p.add_argument("--num-fewshot", type=int, help="override every task's shot count")
-    p.add_argument("--max-gen-toks", type=int, default=256)
+    p.add_argument(
+        "--max-gen-toks", type=int, default=256, help="generation length cap (default 256)"
+    )
     p.add_argument("--name", help="model name in results.json (default: the run directory's)")
     p.add_argument("--redo", action="store_true", help="re-evaluate tasks already in results.json")
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers, device and paths, before torch is imported or a checkpoint is read."""
+    for flag, low in (("limit", 1), ("batch_size", 1), ("max_gen_toks", 1), ("num_fewshot", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    for flag in ("checkpoint", "data_dir", "benchmark_dir"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            raise DataError(f"--{flag.replace('_', '-')} path does not exist: {path}")
+    check_device(args.device)
 
 
 def task_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,8 +220,7 @@ def running_scores(running: dict[str, list[float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suites = parse_suites(args.suite)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    check_args(args)
     rank, world, device = init_distributed(args.device)
 
     from eval.checkpoint import load_for_eval

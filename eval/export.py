@@ -11,17 +11,20 @@ transformers' defaults (Mistral: eos=2) would otherwise stop generation at an or
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from data_prep.tokenizer import TextTokenizer
-from eval.checkpoint import SOURCE_FILE, LoadedModel, load_for_eval
-from mop.errors import ConfigError, cli_entry
+from mop.cli import ArgumentParser, examples
+from mop.errors import ConfigError, DataError, check_dir_target, cli_entry
 from mop.fileio import atomic_write_json, read_json
+
+if TYPE_CHECKING:  # torch and the checkpoint loader are imported once the arguments are valid
+    import torch
+
+    from eval.checkpoint import LoadedModel
 
 
 def export_tokenizer(tok: TextTokenizer, out_dir: str | Path, model_max_length: int) -> Path:
@@ -57,6 +60,7 @@ def export_tokenizer(tok: TextTokenizer, out_dir: str | Path, model_max_length: 
 
 
 def export_loaded(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype) -> Path:
+    from eval.checkpoint import SOURCE_FILE
     from pretrain.model.hf_export import export_hf
 
     out = export_hf(loaded.model, out_dir, dtype=dtype)
@@ -75,12 +79,34 @@ def export_loaded(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype) 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(
+        prog="python -m eval.export",
+        description=__doc__.split("\n")[0],
+        epilog=examples(
+            "python -m eval.export --checkpoint runs/moe_d512_e8 --out hf/moe_d512_e8",
+            "python -m eval.export --checkpoint runs/x/checkpoints/step_00010000 --out hf/x "
+            "--dtype bfloat16",
+        ),
+    )
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--data-dir", help="data directory holding the tokenizer (default: the run's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights dtype",
+    )
     args = p.parse_args(argv)
+    check_dir_target(args.out, "--out")
+    for flag in ("checkpoint", "data_dir"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            raise DataError(f"--{flag.replace('_', '-')} path does not exist: {path}")
+    import torch
+
+    from eval.checkpoint import load_for_eval
+
     loaded = load_for_eval(args.checkpoint, data_dir=args.data_dir)
     out = export_loaded(loaded, args.out, getattr(torch, args.dtype))
     print(json.dumps({"exported": str(out), "step": loaded.ref.step}))

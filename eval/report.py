@@ -28,7 +28,6 @@ plot); no results at all or an unreadable file is a one-line error with a non-ze
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -38,8 +37,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.synthetic import max_book_size_at
-from mop.errors import DataError, UserError, cli_entry
+from mop.cli import ArgumentParser, examples
+from mop.errors import DataError, UserError, check_dir_target, cli_entry
 from mop.results import CATEGORIES, RESULTS_FILE, load_results
 
 BASE_COLUMNS = (
@@ -186,6 +185,9 @@ def build_rows(docs: Sequence[dict[str, Any]], threshold: float) -> list[dict[st
         row = flatten(doc)
         group = by_model[model_key(doc)]
         has_pb = any((d.get("synthetic") or {}).get("phonebook") for d in group)
+        if has_pb:
+            from eval.synthetic import max_book_size_at  # imports torch: only when needed
+
         row["phonebook_max_size"] = max_book_size_at(group, threshold) if has_pb else None
         rows.append(row)
     rows.sort(
@@ -724,7 +726,16 @@ def make_report(
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n")[0])
+    p = ArgumentParser(
+        prog="python -m eval.report",
+        description=__doc__.split("\n")[0],
+        epilog=examples(
+            "python -m eval.report runs/ --out report/",
+            "python -m eval.report runs/pb_1e5 runs/pb_3e5 --out report/pb --threshold 0.9",
+            "python -m eval.report runs/moe_d512_e8/results.json --out /tmp/r --all-steps",
+            notes="Writes report.md, results.csv and PNG plots into --out.",
+        ),
+    )
     p.add_argument("paths", nargs="+", help="results.json files or run/checkpoint directories")
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--threshold", type=float, default=0.9, help="phone-book accuracy threshold")
@@ -732,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
+    check_dir_target(args.out, "--out")
     summary = make_report(args.paths, args.out, args.threshold, args.all_steps)
     print(json.dumps(summary, indent=1))
     return 0

@@ -31,3 +31,26 @@ def examples(*lines: str, notes: str = "") -> str:
     """An epilog: `examples:` and one command a line (then optional notes), for --help."""
     text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
     return f"{text}\n\n{notes.strip()}\n" if notes else text + "\n"
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device this machine does not have, before any model is built on it."""
+    if device is None or device == "cpu":
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        from mop.errors import UserError
+
+        raise UserError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    import torch  # only here: the check needs it, and a cpu run never pays for it
+
+    from mop.errors import UserError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(
+            f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() is "
+            "false); use --device cpu or run on a GPU node"
+        )
+    if index and int(index) >= count:
+        raise UserError(f"{flag} {device}: this machine has {count} CUDA device(s)")

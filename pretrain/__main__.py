@@ -3,6 +3,8 @@
 Works in one CPU process, under torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
 LOCAL_RANK) and under srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). `--dry-run` prints the
 resolved config, the derived sizes and the DeepSpeed config, and touches no device.
+The config, the output paths and the data directory are checked before torch is imported,
+so a bad input is one `error:` line within a second (pretrain/preflight.py).
 Exit codes: see pretrain/trainer.py (0 done, 75 (EX_TEMPFAIL) requeue after a stop signal, 65
 non-finite, 66 every checkpoint damaged).
 """
@@ -25,20 +27,47 @@ import os  # noqa: E402
 import random  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
+from mop.cli import ArgumentParser, examples
 from mop.config import load_config, to_yaml
 from mop.errors import cli_entry
 from pretrain.config import TrainConfig, derived_sizes, resolve_precision
 from pretrain.console import Console, filter_known_chatter, model_label, quiet_third_party
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.launch import dist_env, init_distributed, prepare_env
-from pretrain.parallel import build_mesh
+
+HELP_NOTES = """\
+Override any config field: dotted key=value after the options (values are YAML), e.g.
+  optim.lr=3e-4 batch.micro_batch=8 model=configs/model/moe_d512_e8.yaml model.vocab_size=64
+  (`model=` takes a model YAML; later model.* overrides apply on top of it).
+Outputs go to run_dir: config.yaml (the resolved config), metrics.jsonl, checkpoints/
+(or checkpoint.dir), wandb/ (offline unless logging.wandb_mode=online).
+Resume: run the same command again. With checkpoint.resume=auto (the default) a run continues
+from the latest complete checkpoint in its checkpoint directory, also on another number of
+GPUs; checkpoint.resume=never starts fresh. Exit codes: 0 done, 75 stopped by a signal after
+a checkpoint (requeue), 65 too many non-finite steps, 2 bad config or path, 3 bad data."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n")[0])
+    p = ArgumentParser(
+        prog="python -m pretrain",
+        description="Train a dense or MoE decoder with DeepSpeed (one process, torchrun or srun).",
+        epilog=examples(
+            "python -m pretrain --config configs/train/tiny_cpu.yaml data.data_dir=demo_out/data",
+            "python -m pretrain --config configs/train/tiny_cpu.yaml --dry-run",
+            "torchrun --nproc_per_node=8 -m pretrain --config configs/train/paper_moe_d512_e8.yaml "
+            "run_dir=runs/x",
+            notes=HELP_NOTES,
+        ),
+    )
     p.add_argument("--config", required=True, help="train config YAML (configs/train/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, derived sizes and DeepSpeed config; touch nothing",
+    )
     p.add_argument(
         "--profile",
         metavar="FROM:TO",
@@ -113,7 +142,9 @@ def train(
         # gradient buckets (hundreds of MB) with torch.empty on each step and overwrites them,
         # so the fill only costs time (seconds per step on CPU).
         torch.utils.deterministic.fill_uninitialized_memory = False
-    data = TrainData(cfg.data.data_dir, manifest, cfg.data, pad_multiple=mesh.tp)
+    data = TrainData(
+        cfg.data.data_dir, manifest, cfg.data, pad_multiple=mesh.tp, vocab_size=cfg.model.vocab_size
+    )
     val = None
     if cfg.eval.interval and (manifest.get("validation") or {}).get("num_sequences"):
         val = ValidationSet(cfg.data.data_dir, manifest)
@@ -215,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     de = dist_env()
     console = Console(de.rank)
+    if not args.dry_run:
+        from pretrain.preflight import check_run_inputs
+
+        check_run_inputs(cfg)  # paths and data, before torch and DeepSpeed are imported
     import torch
+
+    from pretrain.parallel import build_mesh
 
     cuda = torch.cuda.is_available()
     sizes = derived_sizes(cfg, de.world_size)

@@ -164,6 +164,14 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if not self.model.causal:
+            # A non-causal model (Soft MoE) sees the tokens it must predict: its LM loss would
+            # fall to ~0 and mean nothing. A sweep that globs configs/model/ would pick it up.
+            raise ValueError(
+                f"model.causal=false (model.ffn={self.model.ffn}): pretrain trains a causal "
+                "language model and a non-causal model would see future tokens; train it with "
+                "python -m pretrain.memorization (classification) instead"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} > model.max_seq_len={self.model.max_seq_len}"

@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.manifest import PLAN, check_tokenizer, load_manifest
+from data_prep.manifest import PLAN
 from data_prep.shards import ShardReader
 from mop.errors import DataError
 from mop.fileio import read_json
 from pretrain.config import DataConfig
+from pretrain.preflight import open_manifest  # noqa: F401  (its torch-free home)
 
 _MASK64 = (1 << 64) - 1
 IGNORE_INDEX = -100  # targets the loss skips (lm_loss's ignore_index)
@@ -204,7 +205,12 @@ class TrainData:
     """The training stream of a data directory: `sample(i)` and per-rank micro-batches."""
 
     def __init__(
-        self, data_dir: str | Path, manifest: dict, cfg: DataConfig, pad_multiple: int = 1
+        self,
+        data_dir: str | Path,
+        manifest: dict,
+        cfg: DataConfig,
+        pad_multiple: int = 1,
+        vocab_size: int | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.pad_multiple = pad_multiple
@@ -218,6 +224,7 @@ class TrainData:
         self.packing = resolve_packing(cfg, manifest)
         stream_cls = DocumentStream if self.packing == "document" else SourceStream
         self.streams: list[SourceStream | DocumentStream] = []
+        self.vocab_size = vocab_size
         for label in self.labels:
             recs = [s for s in manifest["shards"] if s["source"] == label and s["split"] == "train"]
             if not recs:
@@ -264,7 +271,15 @@ class TrainData:
 
     def sample(self, i: int) -> tuple[int, np.ndarray]:
         s, w = self.locate(i)
-        return s, self.streams[s].window(w)
+        window = self.streams[s].window(w)
+        if self.vocab_size is not None and window.size and int(window.max()) >= self.vocab_size:
+            # Shards written before records carried max_token_id are checked here (cheap: one
+            # max per window) so a bad id is a clear error, not an IndexError in the embedding.
+            raise DataError(
+                f"source {self.labels[s]!r} of {self.data_dir} holds token id "
+                f"{int(window.max())} >= model.vocab_size={self.vocab_size}"
+            )
+        return s, window
 
     def rank_samples(self, first: int, global_batch: int, dp: int, rank: int) -> list[int]:
         """This rank's global sample indices of the global batch that starts at `first`."""
@@ -323,21 +338,3 @@ class ValidationSet:
             if not chunk:
                 targets.fill_(-100)
             yield t[:, :-1].contiguous(), targets
-
-
-def open_manifest(cfg: DataConfig, vocab_size: int, pinned_sha256: str | None = None) -> dict:
-    """Load and check a data directory's manifest against the tokenizer and the model.
-
-    `pinned_sha256` (e.g. from a checkpoint) and `cfg.tokenizer_sha256` both pin the tokenizer.
-    """
-    manifest = load_manifest(cfg.data_dir)
-    for pin in (cfg.tokenizer_sha256, pinned_sha256):
-        if pin:
-            check_tokenizer(manifest, pin, where=cfg.data_dir)
-    tok_vocab = int(manifest["tokenizer"]["vocab_size"])
-    if tok_vocab > vocab_size:
-        raise DataError(
-            f"tokenizer of {cfg.data_dir} has {tok_vocab} tokens but model.vocab_size is "
-            f"{vocab_size}; set model.vocab_size={tok_vocab} (or larger)"
-        )
-    return manifest

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mop.cli import check_device
 from mop.config import apply_overrides, read_yaml, save_resolved, validate
-from mop.errors import ConfigError, cli_entry
+from mop.errors import ConfigError, check_dir_target, cli_entry
 from pretrain.model.classifier import (
     ClassifierConfig,
     SequenceClassifier,
@@ -169,23 +170,32 @@ def train_classifier(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from mop.cli import ArgumentParser, examples
     from mop.config import parse_args_with_overrides
 
-    p = argparse.ArgumentParser(
-        prog="python -m pretrain.memorization", description=__doc__.split("\n")[0]
+    p = ArgumentParser(
+        prog="python -m pretrain.memorization",
+        description=__doc__.split("\n")[0],
+        epilog=examples(
+            "python -m pretrain.memorization --data data/mem --model "
+            "configs/model/synth12_softmoe_d256_e8.yaml --steps 2000 --out runs/mem/softmoe",
+            "python -m pretrain.memorization --data data/mem --model "
+            "configs/model/synth12_dense_d256.yaml d_model=128 --steps 500 --out runs/mem/d128",
+            notes="Outputs in --out: metrics.jsonl, model.safetensors, config.yaml, results.json.",
+        ),
     )
     p.add_argument("--data", required=True, help="memorization task dir (data_prep synthetic)")
     p.add_argument("--model", required=True, help="model YAML (configs/model/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted model overrides, e.g. d_model=64")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=0, help="0 = full batch (default)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--target-accuracy", type=float, default=None, help="stop once reached")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (10)")
+    p.add_argument("--seed", type=int, default=0, help="model init and batch order seed (0)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--name", default=None, help="model name in results.json (default: YAML stem)")
     p.add_argument("--out", required=True, help="run directory (created)")
     return parse_args_with_overrides(p, argv)
@@ -194,8 +204,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.steps <= 0 or args.lr <= 0 or args.log_every <= 0:
-        raise ConfigError("--steps, --lr and --log-every must be positive")
+    for flag in ("steps", "lr", "log_every"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
+    if args.batch_size < 0 or args.warmup < 0:
+        raise ConfigError("--batch-size and --warmup must be >= 0")
+    check_dir_target(args.out, "--out")
+    check_device(args.device)
     from safetensors.torch import save_file
 
     from data_prep.synthetic.memorization import load_memorization

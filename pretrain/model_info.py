@@ -6,14 +6,13 @@ token (formula in pretrain/model/accounting.py). `--json` prints one JSON object
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from mop.cli import ArgumentParser, examples
 from mop.config import load_config
-from mop.errors import cli_entry
-from pretrain.model.accounting import model_size
+from mop.errors import ConfigError, cli_entry
 from pretrain.model.config import ModelConfig
 
 
@@ -36,6 +35,8 @@ def experts_of(cfg: ModelConfig) -> str:
 
 def describe(path: str, overrides: list[str], seq_len: int | None, attention: str) -> dict:
     cfg = load_config(ModelConfig, path, overrides)
+    from pretrain.model.accounting import model_size  # imports torch: after the config is valid
+
     size = model_size(cfg, seq_len=seq_len, attention=attention)
     return {
         "name": Path(path).stem,
@@ -74,17 +75,30 @@ def format_table(rows: list[dict]) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.model_info", description=__doc__.splitlines()[0]
+    parser = ArgumentParser(
+        prog="python -m pretrain.model_info",
+        description="Print total/active parameters and training FLOPs per token of model configs.",
+        epilog=examples(
+            "python -m pretrain.model_info configs/model/*.yaml",
+            "python -m pretrain.model_info configs/model/moe_d512_e8.yaml --seq-len 4096 --json",
+            "python -m pretrain.model_info configs/model/dense_d512.yaml --set vocab_size=50304",
+        ),
     )
     parser.add_argument("configs", nargs="+", help="model YAML files")
     parser.add_argument(
-        "--set", action="append", default=[], help="override, e.g. vocab_size=50304"
+        "--set", action="append", default=[], help="override, e.g. vocab_size=50304 (repeatable)"
     )
     parser.add_argument("--seq-len", type=int, default=None, help="default: each max_seq_len")
-    parser.add_argument("--attention", choices=("full", "causal"), default="full")
+    parser.add_argument(
+        "--attention",
+        choices=("full", "causal"),
+        default="full",
+        help="attention FLOPs counted over the full or the causal (half) score matrix",
+    )
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args(argv)
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len must be >= 1, got {args.seq_len}")
     rows = [describe(p, args.set, args.seq_len, args.attention) for p in args.configs]
     if args.json:
         for r in rows:

@@ -18,7 +18,6 @@ weights, backend) so export -> import restores the exact ModelConfig.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -28,8 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mop.cli import ArgumentParser, examples
 from mop.config import load_config, save_resolved
-from mop.errors import ConfigError, DataError, cli_entry
+from mop.errors import ConfigError, DataError, check_dir_target, cli_entry
 from pretrain.model.config import ModelConfig, MoEConfig
 from pretrain.model.transformer import Transformer, build_model
 
@@ -273,9 +273,17 @@ def _as_overrides(cfg: ModelConfig) -> list[str]:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m pretrain.model.hf_export",
         description="Export a model to a Mistral/Mixtral directory loadable by transformers.",
+        epilog=examples(
+            "python -m pretrain.model.hf_export --config configs/model/moe_d512_e8.yaml "
+            "--weights sd.pt --out hf/",
+            "python -m pretrain.model.hf_export --config configs/model/tiny_dense.yaml "
+            "--out /tmp/hf   # random init: checks shapes",
+            notes="A trained run: python -m eval.export --checkpoint RUN_DIR --out DIR "
+            "(weights + tokenizer).",
+        ),
     )
     parser.add_argument("--config", required=True, help="model YAML (configs/model/*.yaml)")
     parser.add_argument(
@@ -289,9 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(ModelConfig, args.config, args.set)
     check_exportable(cfg)
+    check_dir_target(args.out, "--out")
+    if args.weights and not Path(args.weights).is_file():
+        raise DataError(f"--weights file not found: {args.weights}")
     model = build_model(cfg)
     if args.weights:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle/zip errors of many kinds: a damaged or foreign file
+            raise DataError(
+                f"--weights {args.weights} is not a readable state_dict ({type(exc).__name__})"
+            ) from None
         state = {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in state.items()}
         model.load_state_dict(state)
     out = export_hf(model, args.out, dtype=getattr(torch, args.dtype))
