@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     de = dist_env()
     console = Console(de.rank)
+    sizes = derived_sizes(cfg, de.world_size)
     if not args.dry_run:
         from pretrain.preflight import check_run_inputs
 
@@ -255,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.parallel import build_mesh
 
     cuda = torch.cuda.is_available()
-    sizes = derived_sizes(cfg, de.world_size)
     mesh = build_mesh(cfg, de.world_size, de.rank)
     precision = resolve_precision(cfg, cuda)
     ds_cfg = deepspeed_config(cfg, sizes, precision, cuda)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mop.cli import ArgumentParser
 from mop.config import parse_args_with_overrides
 from mop.errors import UserError, cli_entry
 from slurm.container import Container, parse_container
@@ -207,7 +208,7 @@ def _check_data_config(config: str, overrides: list[str]) -> None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m slurm.submit",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
