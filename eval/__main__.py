@@ -80,7 +80,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("checkpoint", "data_dir", "benchmark_dir"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
-            raise DataError(f"--{flag.replace('_', '-')} path does not exist: {path}")
+            name = "checkpoint" if flag == "checkpoint" else f"--{flag.replace('_', '-')}"
+            raise DataError(f"{name} path does not exist: {path}")
     check_device(args.device)
 
 

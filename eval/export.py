@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("checkpoint", "data_dir"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
-            raise DataError(f"--{flag.replace('_', '-')} path does not exist: {path}")
+            name = "checkpoint" if flag == "checkpoint" else f"--{flag.replace('_', '-')}"
+            raise DataError(f"{name} path does not exist: {path}")
     import torch
 
     from eval.checkpoint import load_for_eval
