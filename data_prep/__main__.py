@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn pretraining sources into tokenized, packed, memory-mappable shards.",
         epilog=EPILOG,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help="run `COMMAND --help` for its flags"
+    )
 
     p = sub.add_parser(
         "tokenizer",

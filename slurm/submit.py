@@ -34,7 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mop.cli import ArgumentParser
+from mop.cli import ArgumentParser, examples
 from mop.config import parse_args_with_overrides
 from mop.errors import UserError, cli_entry
 from slurm.container import Container, parse_container
@@ -236,14 +236,28 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SRC[:DST],...",
         help="more mounts besides the submit directory, e.g. /data:/data,/scratch",
     )
-    sp = ap.add_subparsers(dest="cmd", required=True)
-    d = sp.add_parser("data", help="tokenizer -> tokenize array -> merge")
-    d.add_argument("config")
+    sp = ap.add_subparsers(
+        dest="cmd", metavar="COMMAND", required=True, help="run `COMMAND --help` for its flags"
+    )
+    d = sp.add_parser(
+        "data",
+        help="tokenizer -> tokenize array -> merge",
+        epilog=examples("python -m slurm.submit --dry-run data configs/data/math.yaml --tasks 64"),
+    )
+    d.add_argument("config", help="data-prep YAML (configs/data/*.yaml)")
     d.add_argument("--tasks", type=int, default=16, help="array size of the tokenize job")
-    d.add_argument("overrides", nargs="*", metavar="key=value")
-    s = sp.add_parser("sweep", help="one training job per model config, or a --grid")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    s = sp.add_parser(
+        "sweep",
+        help="one training job per model config, or a --grid",
+        epilog=examples(
+            "python -m slurm.submit sweep configs/train/paper_moe_d512_e8.yaml "
+            "--models configs/model/moe_d512_e*.yaml --eval all",
+            "python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml --local",
+        ),
+    )
     s.add_argument("config", nargs="?", help="training recipe YAML (not with --grid)")
-    s.add_argument("--models", nargs="+")
+    s.add_argument("--models", nargs="+", help="model YAMLs, one training job each")
     s.add_argument("--grid", help="a grid YAML (configs/reproduce/*.yaml): see slurm/grid.py")
     s.add_argument("--local", action="store_true", help="with --grid: run here, one by one")
     s.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
@@ -257,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SUITE",
         help="then evaluate each run (slurm/eval.sbatch, afterok on its training job)",
     )
-    s.add_argument("overrides", nargs="*", metavar="key=value")
-    e = sp.add_parser("eval", help="one evaluation job per run directory or checkpoint")
-    e.add_argument("checkpoints", nargs="+", metavar="RUN_DIR")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted train overrides")
+    e = sp.add_parser(
+        "eval",
+        help="one evaluation job per run directory or checkpoint",
+        epilog=examples("python -m slurm.submit eval runs/moe_d512_e8 runs/dense_d512 --suite all"),
+    )
+    e.add_argument("checkpoints", nargs="+", metavar="RUN_DIR", help="run or checkpoint dirs")
     e.add_argument("--suite", default="all", help="python -m eval --suite (default: all)")
     e.add_argument(
         "--eval-arg",

@@ -209,7 +209,7 @@ SUBMIT_PENDING = "slurm.submit checks every config and path of a chain before th
 
 CASES: list[Case] = [
     # ---- data_prep: command line
-    Case("dp-no-command", DP, "command", code=2),
+    Case("dp-no-command", DP, "COMMAND", code=2),
     Case("dp-unknown-command", [*DP, "tokenise"], "tokenise", code=2),
     Case("dp-missing-config-flag", [*DP, "tokenize"], "--config", code=2),
     Case("dp-config-not-found", [*DP, "tokenize", "--config", "{case}/nope.yaml"], "nope.yaml"),
@@ -730,7 +730,7 @@ CASES: list[Case] = [
         results_dir,
     ),
     # ---- slurm.submit (validated before any sbatch; --dry-run submits nothing)
-    Case("submit-no-command", ["slurm.submit"], "cmd", code=2),
+    Case("submit-no-command", ["slurm.submit"], "COMMAND", code=2),
     Case(
         "submit-data-missing-config",
         [*SUB, "data", "{case}/d.yaml"],

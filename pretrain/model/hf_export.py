@@ -292,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "omitted: random init (to check shapes)",
     )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights dtype",
+    )
     parser.add_argument("--set", action="append", default=[], help="config override a.b=value")
     args = parser.parse_args(argv)
     cfg = load_config(ModelConfig, args.config, args.set)
