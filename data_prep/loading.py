@@ -155,6 +155,14 @@ def check_input_file(path: Path) -> None:
                 f"input file {path} is not a complete parquet file (no PAR1 footer): "
                 "cut short or not parquet; fetch it again"
             )
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # a footer that does not parse: damaged
+            raise DataError(f"input file {path} has a damaged parquet footer ({exc})") from None
+        if rows == 0:
+            raise DataError(f"input file {path} holds no rows: remove it from data_files")
     elif name.endswith(".zst"):
         problem = zstd_problem(path)
         if problem:
@@ -295,6 +303,7 @@ class SourceHandle:
             raise DataError(f"{where}: cannot open: {type(exc).__name__}: {exc}") from exc
         rows = _guarded(_rows(dataset), where)
         warned: set[str] = set()
+        row_index = -1
         for row_index, row in enumerate(rows):
             item = classify_row(self.spec, row, row_index)
             if isinstance(item, SkippedRow):
@@ -304,6 +313,10 @@ class SourceHandle:
             yield item
             if limit is not None and produced >= limit:
                 return
+        if row_index < 0 and self.files is not None:  # e.g. a .jsonl of blank lines
+            raise DataError(
+                f"input file {self.files[index]} holds no rows: remove it from data_files"
+            )
 
     def _warn_schema(self, row: dict[str, Any], where: str, warned: set[str]) -> None:
         """Warn once per unit per column the schema lacks entirely (likely a wrong source)."""

@@ -441,6 +441,20 @@ CASES: list[Case] = [
         damaged_input("x.jsonl.gz", lambda fx: (fx / "raw" / "good.jsonl.gz").read_bytes()[:-9]),
         code=3,
     ),
+    Case(
+        "dp-jsonl-blank-lines",
+        [*DP, "tokenize", "--config", "{case}/data.yaml"],
+        "x.jsonl holds no rows",
+        damaged_input("x.jsonl", lambda fx: b"\n\n   \n"),
+        code=3,
+    ),
+    Case(
+        "dp-parquet-no-rows",
+        [*DP, "tokenize", "--config", "{case}/data.yaml"],
+        "x.parquet holds no rows",
+        damaged_input("x.parquet", lambda fx: (fx / "raw" / "empty.parquet").read_bytes()),
+        code=3,
+    ),
     # ---- data_prep verify
     Case("verify-no-flag", [*DP, "verify"], "--data-dir", code=2),
     Case("verify-missing-dir", [*DP, "verify", "--data-dir", "{case}/none"], "{case}/none"),
@@ -812,6 +826,7 @@ def _build_fixtures(fx: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [r["text"] for r in rows]}), raw / "good.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), raw / "empty.parquet")
 
     # The state after a `tokenizer` stage (a char tokenizer: training BPE costs seconds).
     cfg = DataPrepConfig.model_validate(_data_cfg(fx / "tokcase", str(raw / "good.jsonl")))
