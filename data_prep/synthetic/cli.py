@@ -91,6 +91,8 @@ class _Task:
 
     def build_config(self, args: argparse.Namespace) -> Any:
         values = {a.field: a.value(args) for a in (*_common_args(self.size_help), *self.args)}
+        # An option left out keeps the config's default (which may depend on other fields).
+        values = {k: v for k, v in values.items() if v is not None}
         return getattr(import_module(self.module), self.config)(**values)
 
 
@@ -104,7 +106,7 @@ def _common_args(size_help: str) -> tuple[_Arg, ...]:
 
 # The token-shard writers' options: phone-book and shortest path write text tasks.
 _TEXT_ARGS = (
-    _Arg("--num-test", "1000", "K", "test examples (default 1000)"),
+    _Arg("--num-test", None, "K", "test examples (default 1000; phone book: min(1000, size))"),
     _Arg(
         "--shard-tokens",
         "50_000_000",
@@ -178,6 +180,13 @@ TASKS: dict[str, _Task] = {
 }
 
 
+_EXAMPLES = {
+    "phonebook": "python -m data_prep synthetic phonebook --out data/phonebook_1e5 --size 1e5",
+    "shortest-path": "python -m data_prep synthetic shortest-path --out data/sp --size 1e6",
+    "memorization": "python -m data_prep synthetic memorization --out data/mem --size 4096",
+}
+
+
 def _add_task_parsers(sub: argparse._SubParsersAction) -> None:
     for name, task in TASKS.items():
         p = sub.add_parser(
@@ -185,6 +194,7 @@ def _add_task_parsers(sub: argparse._SubParsersAction) -> None:
             help=task.help,
             description=task.description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"example:\n  {_EXAMPLES[name]}\n",
         )
         p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
         for arg in (*_common_args(task.size_help), *task.args):
@@ -205,8 +215,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="phone-book, shortest-path and memorization task generators",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        + "".join(f"  {line}\n" for line in _EXAMPLES.values())
+        + "  python -m data_prep verify --data-dir data/phonebook_1e5   # re-hash what was written\n",
     )
-    _add_task_parsers(p.add_subparsers(dest="task", metavar="TASK", required=True))
+    _add_task_parsers(
+        p.add_subparsers(dest="task", metavar="TASK", required=True, help="the task to generate")
+    )
     return p
 
 
@@ -235,12 +250,14 @@ def _summary(out: str, manifest: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.synthetic.cli",
-        description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    from mop.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m data_prep.synthetic.cli", description=_DESCRIPTION)
+    _add_task_parsers(
+        parser.add_subparsers(
+            dest="task", metavar="TASK", required=True, help="the task to generate"
+        )
     )
-    _add_task_parsers(parser.add_subparsers(dest="task", metavar="TASK", required=True))
     return parser
 
 

@@ -56,8 +56,12 @@ _CHUNK = 1 << 18  # entries per write batch: bounds memory (~30 MB) without slow
 class PhonebookConfig:
     size: int
     seed: int = 0
-    num_test: int = 1000
+    num_test: int | None = None  # None: min(1000, size); the test set is drawn from the book
     shard_tokens: int = DEFAULT_SHARD_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.num_test is None:  # a small book must not be refused for its default test set
+            object.__setattr__(self, "num_test", min(1000, self.size))
 
     def validate(self) -> None:
         if self.size <= 0:
