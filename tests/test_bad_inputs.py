@@ -44,7 +44,6 @@ class Case:
     setup: Callable[[Path, Path], None] | None = None  # (case dir, fixtures dir)
     code: int | None = None  # the exit code, where it is part of the contract
     env: dict[str, str] = field(default_factory=dict)
-    pending: str = ""  # the fix lands with another change: expected to fail until then
 
 
 # ---------------------------------------------------------------- builders of bad inputs
@@ -204,8 +203,6 @@ EVAL = ["eval", "--checkpoint"]
 SUB = ["slurm.submit", "--dry-run"]
 TINY_MODEL = "configs/model/tiny_dense.yaml"
 NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}
-# Landing with the slurm/ rework of issue 12 item 4 (validate a whole chain before any sbatch).
-SUBMIT_PENDING = "slurm.submit checks every config and path of a chain before the first sbatch"
 
 CASES: list[Case] = [
     # ---- data_prep: command line
@@ -749,14 +746,12 @@ CASES: list[Case] = [
         "submit-data-missing-config",
         [*SUB, "data", "{case}/d.yaml"],
         "d.yaml",
-        pending=SUBMIT_PENDING,
     ),
     Case(
         "submit-data-invalid-config",
         [*SUB, "data", "{case}/data.yaml", "workers=0"],
         "workers",
         good_data_cfg,
-        pending=SUBMIT_PENDING,
     ),
     Case(
         "submit-data-tasks-zero",
@@ -780,7 +775,6 @@ CASES: list[Case] = [
         "submit-eval-missing-run",
         [*SUB, "eval", "{case}/run"],
         "{case}/run",
-        pending=SUBMIT_PENDING,
     ),
     Case("submit-eval-bad-suite", [*SUB, "eval", "{case}", "--suite", "trivia"], "trivia"),
     # ---- demo
@@ -953,15 +947,7 @@ def test_enough_cases() -> None:
         assert entry in modules, f"no bad input for python -m {entry}"
 
 
-def _params() -> list:
-    """One test per case; a pending case is an expected failure until its fix lands."""
-    return [
-        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.pending)] if c.pending else [])
-        for c in CASES
-    ]
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, outcomes: dict[str, Outcome]) -> None:
     out = outcomes[case.id]
     shown = f"exit {out.returncode}, stderr:\n{out.stderr[-3000:]}"
