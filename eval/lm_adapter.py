@@ -34,6 +34,7 @@ from eval.generate import cut_at_stop, greedy_generate, pad_right
 from mop.errors import ConfigError
 from mop.progress import progress
 from pretrain.model.transformer import Transformer
+from pretrain.parallel.mesh import collective_device
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF model default
 
@@ -238,9 +239,12 @@ class MopLM(TemplateLM):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor
-        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor)
-        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+        # The harness builds its tensors on any device; the backend takes only its own.
+        mine = tensor.to(collective_device())
+        parts = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine)
+        out = torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+        return out.to(tensor.device)
 
     def gather_object(self, obj, dst: int = 0):
         if self.world_size == 1:

@@ -24,6 +24,7 @@ from mop.errors import DataError
 from mop.progress import progress
 from pretrain.data import ValidationSet
 from pretrain.model.transformer import Transformer
+from pretrain.parallel.mesh import collective_device
 
 
 def _dist() -> tuple[int, int]:
@@ -79,6 +80,7 @@ def evaluate_perplexity(
         bar.update(len(ids))
     bar.close()
     if world > 1:
+        sums = sums.to(collective_device())  # the model's device may not be the backend's
         dist.all_reduce(sums)
     mean = float(sums[0] / sums[1])
     return {

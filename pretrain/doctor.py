@@ -2,8 +2,9 @@
 before a long job.
 
 Environment: Python, torch (and a matmul on each device kind here), CUDA, NCCL (a one-rank
-all-reduce on GPU), DeepSpeed (imports with the accelerator it will use; loads its fused Adam
-kernel on GPU, its shared-memory comm op on CPU), megablocks and
+all-reduce on GPU), DeepSpeed (imports with the accelerator it will use; loads its
+shared-memory comm op on CPU), the optimizer (one step of torch's AdamW with the kernel
+training uses: fused on GPU, foreach on CPU), megablocks and
 grouped_gemm (a grouped GEMM on GPU; missing is only a warning without CUDA, unless the config
 asks for moe.backend=megablocks). With a config: the process layout against the visible GPUs,
 free disk where checkpoints go against `checkpoint.keep_last + 1` checkpoints of this model,
@@ -147,9 +148,9 @@ def check_nccl(cuda: bool, fast: bool) -> Check:
 
 
 def check_deepspeed(cuda: bool, fast: bool) -> Check:
-    """Imports with the accelerator training uses; without --fast also loads the op a run
-    needs first (JIT-built on first use, so a missing compiler shows here, not at step 0):
-    the fused Adam kernel on GPU, the shared-memory comm op on CPU."""
+    """Imports with the accelerator training uses; without --fast on CPU also loads the op a
+    run needs first (JIT-built on first use, so a missing compiler shows here, not at step 0):
+    the shared-memory comm op. On GPU no DeepSpeed op is built: the optimizer is torch's."""
     from pretrain.launch import extensions_dir
 
     if not cuda:
@@ -169,42 +170,64 @@ def check_deepspeed(cuda: bool, fast: bool) -> Check:
             "run `make install` (DeepSpeed is pinned in requirements.txt)",
         )
     detail = f"{deepspeed.__version__}; accelerator {get_accelerator()._name}"
-    if fast:
+    if fast or cuda:
         return Check("deepspeed", "ok", detail)
-    op = "fused Adam step" if cuda else "shm comm op"
+    op = "shm comm op"
     try:
         with filter_known_chatter():
-            _deepspeed_op(cuda)
+            _deepspeed_op()
     except Exception as exc:  # noqa: BLE001
         return Check(
             "deepspeed",
             "fail",
             f"{detail}; {op} failed: {exc.__class__.__name__}: {exc}",
-            "DeepSpeed JIT-builds its ops on first use: check the C++ compiler (and nvcc / "
-            "CUDA_HOME on GPU), or install DeepSpeed with its ops prebuilt (DS_BUILD_OPS=1)",
+            "DeepSpeed JIT-builds its ops on first use: check the C++ compiler, or install "
+            "DeepSpeed with its ops prebuilt (DS_BUILD_OPS=1)",
         )
     return Check("deepspeed", "ok", f"{detail}; {op} ok")
 
 
-def _deepspeed_op(cuda: bool) -> None:
-    import torch
-
-    if cuda:
-        from deepspeed.ops.adam import FusedAdam
-
-        p = torch.nn.Parameter(torch.ones(8, device="cuda"))
-        p.grad = torch.ones_like(p)
-        FusedAdam([p], lr=0.1).step()
-        torch.cuda.synchronize()
-        if not bool((p < 1).all()):
-            raise RuntimeError("the step did not update the parameter")
-        return
+def _deepspeed_op() -> None:
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not builder.is_compatible():
         raise RuntimeError("DeepSpeed reports its CPU comm op as incompatible with this machine")
     builder.load()
+
+
+def check_optimizer(cuda: bool, fast: bool) -> Check:
+    """One step of torch's AdamW with the kernel training asks for (pretrain/deepspeed_config.py
+    `adamw_kernel`: fused on GPU, foreach on CPU), so a torch build without it fails here."""
+    from pretrain.deepspeed_config import adamw_kernel
+
+    kernel = adamw_kernel(cuda)
+    what = f"torch AdamW {', '.join(kernel)}"
+    if fast:
+        return Check("optimizer", "ok", f"{what} (step not run: --fast)")
+    device = "cuda" if cuda else "cpu"
+    try:
+        _adamw_step(device, kernel)
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "optimizer",
+            "fail",
+            f"{what} step on {device} failed: {exc.__class__.__name__}: {exc}",
+            "install a torch build whose AdamW has this kernel (see requirements.txt)",
+        )
+    return Check("optimizer", "ok", f"{what} step ok on {device}")
+
+
+def _adamw_step(device: str, kernel: dict[str, bool]) -> None:
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(8, device=device))
+    p.grad = torch.ones_like(p)
+    torch.optim.AdamW([p], lr=0.1, **kernel).step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if not bool((p < 1).all()):
+        raise RuntimeError("the step did not update the parameter")
 
 
 def check_moe_kernels(needed: bool, cuda: bool, fast: bool) -> list[Check]:
@@ -566,6 +589,7 @@ def run_checks(args: argparse.Namespace, env: dict[str, str] | None = None) -> l
 
     cuda = torch.cuda.is_available()
     checks.append(check_deepspeed(cuda, args.fast))
+    checks.append(check_optimizer(cuda, args.fast))
     megablocks = (
         cfg is not None and cfg.model.ffn == "moe" and cfg.model.moe.backend == "megablocks"
     )

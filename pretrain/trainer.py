@@ -44,6 +44,7 @@ from pretrain.metrics import (
 from pretrain.model.accounting import model_size
 from pretrain.model.transformer import lm_loss
 from pretrain.parallel import Mesh
+from pretrain.parallel.mesh import collective_device
 from pretrain.parallel.tensor import vocab_parallel_lm_loss
 from pretrain.stop import stop_requested
 
@@ -82,7 +83,7 @@ def _all_reduce_mean(values: list[float], mesh: Mesh) -> list[float]:
     # Over the data-parallel group: the tp ranks of one dp group already hold the same values.
     if mesh.dp == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(mesh.dp_group))
     dist.all_reduce(t, group=mesh.dp_group)
     return (t / mesh.dp).tolist()
 
@@ -99,9 +100,10 @@ def _grads_finite(model: torch.nn.Module) -> bool:
     bad = any(
         not bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
     )
-    flag = torch.tensor([1.0 if bad else 0.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not dist.is_initialized():
+        return not bad
+    flag = torch.tensor([1.0 if bad else 0.0], device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
 
 
@@ -188,7 +190,7 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         if self.mesh.world_size == 1:
             return self.stop_requested
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled -> all stop together
         return bool(flag.item())
 
@@ -363,7 +365,8 @@ class LoggingCallback(Callback):
             # ranks of one dp rank hold the same counts; expert-parallel ranks are dp ranks).
             counts = result.expert_counts
             if trainer.mesh.dp > 1:
-                counts = counts.clone()
+                # to(): a copy (the step's counts stay as they were) on the collective's device
+                counts = counts.to(collective_device(trainer.mesh.dp_group), copy=True)
                 dist.all_reduce(counts, group=trainer.mesh.dp_group)
             values.update(
                 expert_load_from_counts(
@@ -421,7 +424,9 @@ class EvalCallback(Callback):
                     total[1] += count
         model.train()
         if trainer.mesh.dp > 1:
+            total = total.to(collective_device(trainer.mesh.dp_group))
             dist.all_reduce(total, group=trainer.mesh.dp_group)
+            total = total.cpu()
         val_loss = float(total[0] / total[1].clamp_min(1))
         self.logger.log(trainer.state.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
 

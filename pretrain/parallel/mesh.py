@@ -15,10 +15,13 @@ group in the same order, as `new_group` requires.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mop.errors import ConfigError
 from pretrain.config import TrainConfig, derived_sizes
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -138,3 +141,17 @@ def init_process_groups(mesh: Mesh) -> Mesh:
         ep_group=mine["ep"],
         expert_dp_group=mine["expert_dp"],
     )
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a tensor must sit on for a collective over `group` (None: the world).
+
+    NCCL (what DeepSpeed initialises on GPUs) reduces only CUDA tensors on this process's
+    current device; gloo (CPU runs, tests) only CPU ones. Host values (loss means, stop flags,
+    validation sums) go there for the collective and come back with one copy after it."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mop.config import load_config
 from pretrain import doctor
@@ -90,6 +91,8 @@ def test_environment_only_without_config(capsys):
     assert "matmul ok on cpu" in rows["torch"][1]
     assert rows["deepspeed"][0] == "ok"
     assert rows["deepspeed"][1].endswith("accelerator cpu; shm comm op ok")  # loaded for real
+    # the optimizer training uses on CPU, stepped for real
+    assert rows["optimizer"] == ("ok", "torch AdamW foreach step ok on cpu")
     assert "layout" not in rows
 
 
@@ -332,7 +335,7 @@ def test_resume_point_is_checked(data_dir, tmp_path, capsys):
 
 
 def test_a_deepspeed_op_that_cannot_build_fails(capsys, monkeypatch):
-    def no_compiler(cuda):
+    def no_compiler():
         raise RuntimeError("Error building extension 'deepspeed_shm_comm'")
 
     monkeypatch.setattr(doctor, "_deepspeed_op", no_compiler)
@@ -344,3 +347,33 @@ def test_a_deepspeed_op_that_cannot_build_fails(capsys, monkeypatch):
     )
     assert "fix: deepspeed: DeepSpeed JIT-builds its ops on first use" in out
     assert err.strip() == "error: doctor found 1 problem(s): deepspeed"
+
+
+def test_gpu_optimizer_check_steps_torch_fused_adamw(monkeypatch):
+    # On GPU the doctor steps the optimizer training builds (torch's fused AdamW), and builds
+    # no DeepSpeed op for it (DeepSpeed's FusedAdam is no longer what training runs).
+    stepped = []
+    monkeypatch.setattr(
+        doctor, "_adamw_step", lambda device, kernel: stepped.append((device, kernel))
+    )
+    check = doctor.check_optimizer(cuda=True, fast=False)
+    assert stepped == [("cuda", {"fused": True})]
+    assert (check.status, check.detail) == ("ok", "torch AdamW fused step ok on cuda")
+    monkeypatch.setattr(doctor, "_deepspeed_op", lambda: stepped.append("ds op"))
+    assert doctor.check_deepspeed(cuda=True, fast=False).status == "ok"
+    assert stepped == [("cuda", {"fused": True})]
+    assert doctor.check_optimizer(cuda=True, fast=True).status == "ok"  # --fast: no step
+    assert len(stepped) == 1
+
+
+def test_an_optimizer_step_that_fails_is_reported(capsys, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors")
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_kernel)
+    code, rows, out, err = run_doctor(capsys)
+    assert code == doctor.FAIL_EXIT_CODE
+    assert rows["optimizer"][0] == "fail"
+    assert "torch AdamW foreach step on cpu failed: RuntimeError" in rows["optimizer"][1]
+    assert "fix: optimizer: install a torch build whose AdamW has this kernel" in out
+    assert err.strip() == "error: doctor found 1 problem(s): optimizer"
