@@ -133,7 +133,9 @@ def check_input_file(path: Path) -> None:
 
     A compressed or columnar file carries its own end mark: the zstd frame's last-block
     flag (and checksum), the parquet footer. A file cut at a zstd block boundary decodes
-    without any error up to the cut, so only this check sees the missing rows.
+    without any error up to the cut, so only this check sees the missing rows. (A file of
+    several zstd frames cut exactly between two frames is a valid shorter file; no check
+    can tell, and the usual one-frame files cannot be cut that way.)
     """
     try:
         size = path.stat().st_size
