@@ -66,8 +66,9 @@ def spy_collectives(monkeypatch) -> list[tuple[str, list[torch.device]]]:
     """Fake `collective_device` (in every module that imported it) and stand a recorder in for
     each tensor collective; the recorder stops the caller with `Reached`."""
     calls: list[tuple[str, list[torch.device]]] = []
+    real = mesh_mod.collective_device  # read once: this module's own name is patched too
     for module in list(sys.modules.values()):
-        if getattr(module, "collective_device", None) is collective_device:
+        if getattr(module, "collective_device", None) is real:
             monkeypatch.setattr(module, "collective_device", lambda group=None: FAKE)
 
     def recorder(name: str):
