@@ -1,10 +1,12 @@
 """`python -m demo` (the README's first command, `make demo`) end to end, as a user runs
-it: every stage's real CLI on generated data. About a minute on 2 CPU cores."""
+it: every stage's real CLI on generated data, and the verdict line of the memorization pair.
+A few minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +38,20 @@ def test_demo_runs_every_stage(tmp_path):
     for run in ("tiny_dense", "tiny_moe"):
         tags = sorted((out / "runs" / run / "checkpoints").glob("step_*"))
         assert (tags[-1] / "results.json").is_file(), run
-    assert (out / "runs/memorization/results.json").is_file()
+    # the paper's finding: dense vs MoE at equal active parameters, one verdict line
+    (verdict,) = [x for x in res.stdout.splitlines() if x.startswith("[demo] verdict: ")]
+    assert re.search(
+        r"memorization, n=8192: dense [\d.]+% \([\d.]+K active / [\d.]+K total\) vs "
+        r"MoE 16x [\d.]+% \([\d.]+K active / [\d.]+K total\): at equal active parameters "
+        r"the MoE memorizes more \(\+[\d.]+ points\)",
+        verdict,
+    ), verdict
+    for name in ("dense", "moe16"):
+        assert (out / f"runs/memorization_{name}/results.json").is_file()
     book = json.loads(
         (out / "runs/phonebook_tiny_dense/checkpoints/step_00000060/results.json").read_text()
     )
     assert book["synthetic"]["phonebook"]["book_size"] == 2000
     report = (out / "report/report.md").read_text()
-    assert "4 checkpoint(s)" in report and (out / "report/results.csv").is_file()
-    assert "| memorization_tiny_dense |" in report
+    assert "5 checkpoint(s)" in report and (out / "report/results.csv").is_file()
+    assert "| memorization_dense |" in report and "| memorization_moe16 |" in report
