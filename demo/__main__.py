@@ -203,12 +203,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run_together(cmds: list[list[str]], logs: list[Path]) -> None:
     """Run independent commands at once (one core each on a 2-core laptop), each logging to
     its file; fail like _run if any fails."""
+    import os
+
+    env = dict(os.environ)
+    # one share of the cores each: torch's default (all cores per process) oversubscribes
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(cmds))))
     procs = []
     for cmd, log in zip(cmds, logs):
         print(f"\n$ {shlex.join(cmd)}   # log: {log}", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w", encoding="utf-8") as fh:
-            procs.append(subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=fh, stderr=fh))
+            procs.append(
+                subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=fh, stderr=fh)
+            )
     codes = [p.wait() for p in procs]
     for cmd, log, code in zip(cmds, logs, codes):
         last = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
