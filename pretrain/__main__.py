@@ -106,6 +106,7 @@ def train(
     import torch.distributed as dist
 
     from pretrain.data import TrainData, ValidationSet, open_manifest
+    from pretrain.deepspeed_compat import keep_stage0_grad_norm
     from pretrain.metrics import MetricsLogger
     from pretrain.model.transformer import build_model
     from pretrain.parallel import build_mpu, init_process_groups, parallelize
@@ -116,7 +117,6 @@ def train(
         LoggingCallback,
         Trainer,
         flops_per_token,
-        keep_stage0_grad_norm,
         write_run_config,
     )
 

@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from mop.errors import DamagedStateError, DataError
 from mop.fileio import atomic_path, atomic_write_text
-from pretrain import checkpoint_record
+from pretrain import checkpoint_record, deepspeed_compat
 from pretrain.checkpoint_record import RECORD, has_record
 
 if TYPE_CHECKING:
@@ -304,7 +304,7 @@ class Loaded:
 
 
 # DeepSpeed names ZeRO optimizer partitions `zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt`,
-# with a `bf16_` prefix when the run trained in bf16 (engine._get_zero_ckpt_prefix).
+# with a `bf16_` prefix when the run trained in bf16 (tests/pretrain/test_deepspeed_compat.py).
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
@@ -373,27 +373,14 @@ def _load_resharded(engine, ckpt_dir: Path, tag: str, tp_rank: int, ep_rank: int
         str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True
     )
     full, steps, saved_groups = full_optimizer_state(ckpt_dir / tag, tp_rank, ep_rank, ep)
-    zero = engine.optimizer
-    opt = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
-    for group, step, saved in zip(opt.param_groups, steps, saved_groups):
-        # lr (set by the schedule after each step), betas, weight decay as saved.
-        group.update({k: v for k, v in saved.items() if k != "params"})
-        for flat in group["params"]:
-            # Adam's state is created lazily by its first step: create it now, then let ZeRO
-            # link each parameter's fragment of it (as its own first step would).
-            st = opt.state[flat]
-            st["step"] = step.clone() if torch.is_tensor(step) else step
-            st.setdefault("exp_avg", torch.zeros_like(flat))
-            st.setdefault("exp_avg_sq", torch.zeros_like(flat))
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+    deepspeed_compat.init_zero_adam_state(engine, steps, saved_groups)
     for name, p in engine.module.named_parameters():
         if name not in full:
             raise DataError(f"checkpoint {ckpt_dir / tag} has no optimizer state for {name}")
         safe_set_full_fp32_param(p, full[name]["fp32"].view_as(p))
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, full[name][key].view_as(p), key)
-    zero.update_lp_params()  # model weights from the restored fp32 masters
+    deepspeed_compat.copy_masters_to_model(engine)
     return client
 
 
@@ -414,7 +401,7 @@ def load(target: Target) -> Loaded | None:
             f"checkpoint {ckpt_dir / tag} was saved with expert_parallel={saved_ep}; resume "
             f"with the same expert_parallel (now {ep})"
         )
-    tp = engine.mp_world_size if hasattr(engine, "mp_world_size") else 1
+    tp = deepspeed_compat.model_parallel_size(engine)
     if saved_tp and saved_tp != tp:
         raise DataError(
             f"checkpoint {ckpt_dir / tag} was saved with tensor_parallel={saved_tp}; resume "

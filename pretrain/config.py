@@ -131,7 +131,8 @@ class TrainConfig(StrictModel):
     batch: BatchConfig = BatchConfig()
     parallel: ParallelConfig = ParallelConfig()
     # ZeRO 0-3. Stages 1-3 skip non-finite steps through the ZeRO optimizer's overflow check;
-    # stage 0 (a plain optimizer) through the trainer's own check (trainer._step_without_update).
+    # stage 0 (a plain optimizer) through the trainer's own check
+    # (deepspeed_compat.step_without_update).
     zero_stage: int = Field(1, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False

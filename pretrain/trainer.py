@@ -34,6 +34,7 @@ from mop.errors import DataError
 from pretrain import checkpoint
 from pretrain.config import DerivedSizes, TrainConfig
 from pretrain.data import TrainData, ValidationSet
+from pretrain.deepspeed_compat import step_without_update
 from pretrain.metrics import (
     MetricsLogger,
     expert_load,
@@ -105,48 +106,6 @@ def _grads_finite(model: torch.nn.Module) -> bool:
     flag = torch.tensor([1.0 if bad else 0.0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
-
-
-def _step_without_update(engine) -> None:
-    """ZeRO stage 0 has no overflow check: a plain optimizer would apply NaN gradients. Zero
-    the gradients and let DeepSpeed close the accumulation window with the optimizer's and the
-    lr schedule's step switched off, as the ZeRO optimizers do when they skip a step."""
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-    # torch may already hold a wrapped `step` on the instance (lr schedulers patch the
-    # optimizer's): keep whatever is there and put exactly that back.
-    saved = [(obj, obj.__dict__.get("step")) for obj in (engine.optimizer, engine.lr_scheduler)]
-    for obj, _ in saved:
-        obj.step = lambda *args, **kwargs: None
-    try:
-        engine.step()
-    finally:
-        for obj, original in saved:
-            if original is None:
-                del obj.step
-            else:
-                obj.step = original
-    engine.skipped_steps += 1
-
-
-def keep_stage0_grad_norm(engine) -> None:
-    """fp32 without ZeRO: DeepSpeed clips with `clip_grad_norm_` but drops the global norm it
-    computed (get_global_grad_norm() stays None); keep it, so grad_norm is logged on every
-    path. (The ZeRO and bf16 optimizers record theirs.)"""
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_keep_norm() -> None:
-        norm = clip_grad_norm_(
-            parameters=engine.module.parameters(),
-            max_norm=engine.gradient_clipping(),
-            mpu=engine.mpu,
-        )
-        engine._global_grad_norm = float(norm)
-
-    engine.clip_fp32_gradients = clip_and_keep_norm
 
 
 class Callback:
@@ -268,7 +227,7 @@ class Trainer:
             engine.backward(loss)
             boundary = i == len(batches) - 1
             if boundary and self.cfg.zero_stage == 0 and not _grads_finite(engine.module):
-                _step_without_update(engine)
+                step_without_update(engine)
             else:
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
             mb_sums = torch.stack([lm.detach(), out.aux_loss.detach()]).double()

@@ -21,7 +21,7 @@ from pretrain.model.accounting import attention_params, ffn_accounting
 from pretrain.model.config import ModelConfig
 from pretrain.model.norm import RMSNorm
 from pretrain.model.rotary import RotaryEmbedding
-from pretrain.model.transformer import LOSS_KEYS, Block, init_blocks
+from pretrain.model.transformer import Block, init_blocks, run_blocks, weighted_aux_loss
 
 
 class ClassifierConfig(ModelConfig):
@@ -68,27 +68,9 @@ class SequenceClassifier(nn.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} > max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rotary(torch.arange(t, device=x.device))
-        h = self.input_proj(x)
-        sums: dict[str, Tensor] = {}
-        stats: list[dict[str, Tensor]] = []
-        for block in self.blocks:
-            h, aux = block(h, cos, sin)
-            for key in LOSS_KEYS:
-                if key in aux:
-                    sums[key] = sums.get(key, 0.0) + aux[key]
-            layer_stats = {k: v.detach() for k, v in aux.items() if k not in LOSS_KEYS}
-            if layer_stats:
-                stats.append(layer_stats)
+        h, sums, stats = run_blocks(self.blocks, self.input_proj(x), cos, sin)
         logits = self.head(self.norm(h[:, -1])).squeeze(-1)
-        return ClassifierOutput(logits, self._weighted_aux(sums, logits), sums, stats)
-
-    def _weighted_aux(self, sums: dict[str, Tensor], like: Tensor) -> Tensor:
-        total = like.new_zeros((), dtype=torch.float32)
-        moe = self.cfg.moe if self.cfg.ffn == "moe" else None
-        if moe is not None:
-            total = total + moe.lb_loss_weight * sums.get("lb_loss", 0.0)
-            total = total + moe.z_loss_weight * sums.get("z_loss", 0.0)
-        return total
+        return ClassifierOutput(logits, weighted_aux_loss(self.cfg, sums, logits), sums, stats)
 
 
 def classifier_size(cfg: ClassifierConfig) -> tuple[int, int]:

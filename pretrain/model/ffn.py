@@ -11,6 +11,8 @@ from torch import nn
 from pretrain.model.config import ModelConfig
 from pretrain.model.mlp import SwiGLU
 from pretrain.model.moe import MoE
+from pretrain.model.peer import PEER
+from pretrain.model.soft_moe import SoftMoE
 
 
 def build_ffn(cfg: ModelConfig) -> nn.Module:
@@ -19,12 +21,8 @@ def build_ffn(cfg: ModelConfig) -> nn.Module:
     if cfg.ffn == "moe":
         return MoE(cfg.d_model, cfg.moe, cfg.expert_ffn_dim)
     if cfg.ffn == "peer":
-        from pretrain.model.peer import PEER
-
         return PEER(cfg.d_model, cfg.peer)
     if cfg.ffn == "soft_moe":
-        from pretrain.model.soft_moe import SoftMoE
-
         return SoftMoE(cfg.d_model, cfg.soft_moe, cfg.ffn_dim)
     raise ValueError(f"unknown ffn kind {cfg.ffn!r}")  # unreachable: the config validates it
 
@@ -34,5 +32,5 @@ def init_ffn(ffn: nn.Module, std: float, out_std: float) -> None:
     follow their papers' own initialisation (their `reset_parameters()`)."""
     if isinstance(ffn, (SwiGLU, MoE)):
         ffn.reset_parameters(std, out_std)
-    elif hasattr(ffn, "reset_parameters"):
+    elif isinstance(ffn, (PEER, SoftMoE)):
         ffn.reset_parameters()

@@ -51,16 +51,24 @@ class MoE(nn.Module):
         return self.w1.view(shape), self.v1.view(shape), self.w2.view(shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        shape = x.shape
+        y, routing = self.forward_with_routing(x)
+        return y, self.aux_outputs(routing, x.shape)
+
+    def forward_with_routing(self, x: Tensor) -> tuple[Tensor, Routing]:
+        """The one routing path of every MoE layer: x [B, T, d] -> (y, the Routing behind it).
+        Tensor parallel computes its own aux outputs from the Routing (over the sequence)."""
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat)
+        return self.run_experts(flat, routing).view(x.shape), routing
+
+    def run_experts(self, flat: Tensor, routing: Routing) -> Tensor:
+        """[N, d] -> [N, d]: each token's weighted k experts, on this process's experts
+        (`ExpertParallelMoE` overrides this with the all-to-all exchange)."""
         if self._megablocks is not None:
-            y = self._megablocks(flat, routing, self.w1, self.v1, self.w2)
-        else:
-            y = torch_dropless_experts(
-                flat, routing, self.w1, self.v1, self.w2, use_grouped_mm=self.cfg.grouped_mm
-            )
-        return y.view(shape), self.aux_outputs(routing, shape)
+            return self._megablocks(flat, routing, self.w1, self.v1, self.w2)
+        return torch_dropless_experts(
+            flat, routing, self.w1, self.v1, self.w2, use_grouped_mm=self.cfg.grouped_mm
+        )
 
     def aux_outputs(self, routing: Routing, shape: torch.Size) -> dict[str, Tensor]:
         """Aux losses and load statistics of one routing of `shape` ([B, T, d]) inputs; the

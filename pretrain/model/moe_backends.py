@@ -15,6 +15,8 @@ so a checkpoint loads into either backend and the megablocks module can be hande
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,14 +42,13 @@ def _sorted_assignments(routing: Routing) -> tuple[Tensor, Tensor]:
 
 
 def _expert_loop(xs: Tensor, counts: list[int], w1: Tensor, v1: Tensor, w2: Tensor) -> Tensor:
+    # Empty experts run too (on zero rows): the output then always depends on every local
+    # expert, so under expert parallelism a rank that received no token still enters the
+    # backward all_to_alls the other ranks wait in (skipping them would deadlock).
     outs = []
     for e, chunk in enumerate(torch.split(xs, counts)):
-        if chunk.shape[0] == 0:
-            continue
         h = F.silu(chunk @ w1[e].t()) * (chunk @ v1[e].t())
         outs.append(h @ w2[e])
-    if not outs:
-        return xs.new_zeros(xs.shape)
     return torch.cat(outs)
 
 
@@ -78,6 +79,38 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def run_local_experts(
+    xs: Tensor,
+    tokens_per_expert: Tensor,
+    w1: Tensor,
+    v1: Tensor,
+    w2: Tensor,
+    use_grouped_mm: bool = True,
+) -> Tensor:
+    """Rows `xs` grouped by expert (tokens_per_expert[e] rows for expert e, weights [E, f, d])
+    -> their SwiGLU outputs: one grouped GEMM per matrix on CUDA bf16 when allowed and
+    available, else a per-expert loop."""
+    if use_grouped_mm and xs.is_cuda and compute_dtype(xs) == torch.bfloat16:
+        bf16 = torch.bfloat16  # explicit casts: autocast does not cover torch._grouped_mm
+        ys = _expert_grouped_mm(
+            xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16)
+        )
+        if ys is not None:
+            return ys
+    # .tolist() syncs with the device: fine for the reference path.
+    return _expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
+
+
+def dispatch_combine(x: Tensor, routing: Routing, experts: Callable[[Tensor], Tensor]) -> Tensor:
+    """The dropless token-choice pattern around any way of running the experts: gather the N*k
+    assignments' rows grouped by expert (token order inside each expert), `experts(rows)` ->
+    outputs in the same order, weight them and scatter-add them back into token order."""
+    order, token_idx = _sorted_assignments(routing)
+    ys = experts(x[token_idx])
+    ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token_idx, ys.to(x.dtype))
+
+
 def torch_dropless_experts(
     x: Tensor,
     routing: Routing,
@@ -87,22 +120,13 @@ def torch_dropless_experts(
     use_grouped_mm: bool = True,
 ) -> Tensor:
     """x: [N, d] -> [N, d] = sum over the k chosen experts of weight * expert(x)."""
-    n, d = x.shape
     num_experts = routing.tokens_per_expert.numel()
-    w1e, v1e, w2e = (w.view(num_experts, -1, d) for w in (w1, v1, w2))
-    order, token_idx = _sorted_assignments(routing)
-    xs = x[token_idx]
-    ys = None
-    if use_grouped_mm and x.is_cuda and compute_dtype(x) == torch.bfloat16:
-        bf16 = torch.bfloat16  # explicit casts: autocast does not cover torch._grouped_mm
-        ys = _expert_grouped_mm(
-            xs.to(bf16), routing.tokens_per_expert, w1e.to(bf16), v1e.to(bf16), w2e.to(bf16)
-        )
-    if ys is None:
-        # .tolist() syncs with the device: fine for the reference path.
-        ys = _expert_loop(xs, routing.tokens_per_expert.tolist(), w1e, v1e, w2e)
-    ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-    return torch.zeros_like(x).index_add_(0, token_idx, ys.to(x.dtype))
+    w1e, v1e, w2e = (w.view(num_experts, -1, x.shape[1]) for w in (w1, v1, w2))
+    return dispatch_combine(
+        x,
+        routing,
+        lambda xs: run_local_experts(xs, routing.tokens_per_expert, w1e, v1e, w2e, use_grouped_mm),
+    )
 
 
 def import_megablocks():

@@ -71,6 +71,47 @@ def init_blocks(blocks: nn.ModuleList, std: float, n_layers: int) -> None:
         init_ffn(block.ffn, std, out_std)
 
 
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    kv_cache: KVCache | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor], list[dict[str, Tensor]]]:
+    """The block loop of every model built from `Block`s (the decoder and the classifier).
+
+    Returns (hidden states, the aux losses summed over layers, one dict of detached statistics
+    per layer that reports any). `kv_cache` and `mask` are generation only (Transformer.forward).
+    """
+    caches = kv_cache.layers if kv_cache is not None else [None] * len(blocks)
+    sums: dict[str, Tensor] = {}
+    stats: list[dict[str, Tensor]] = []
+    for block, cache in zip(blocks, caches):
+        # Training calls (x, cos, sin): activation checkpointing wraps block.forward that way.
+        x, aux = block(x, cos, sin) if mask is None else block(x, cos, sin, cache, mask)
+        for key in LOSS_KEYS:
+            if key in aux:
+                sums[key] = sums.get(key, 0.0) + aux[key]
+        layer_stats = {k: v.detach() for k, v in aux.items() if k not in LOSS_KEYS}
+        if layer_stats:
+            stats.append(layer_stats)
+    return x, sums, stats
+
+
+def weighted_aux_loss(cfg: ModelConfig, sums: dict[str, Tensor], like: Tensor) -> Tensor:
+    """The aux loss to add to the task loss: the MoE weights times the summed lb and z losses
+    (0 for layers that report none: dense, PEER, Soft MoE)."""
+    total = like.new_zeros((), dtype=torch.float32)
+    moe = cfg.moe
+    if moe is not None:
+        if "lb_loss" in sums and moe.lb_loss_weight:
+            total = total + moe.lb_loss_weight * sums["lb_loss"]
+        if "z_loss" in sums and moe.z_loss_weight:
+            total = total + moe.z_loss_weight * sums["z_loss"]
+    return total
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -125,25 +166,15 @@ class Transformer(nn.Module):
         mask = None
         if kv_cache is not None or attention_mask is not None:
             mask = self._attention_mask(input_ids, past, kv_cache, attention_mask)
-        layer_caches = kv_cache.layers if kv_cache is not None else [None] * len(self.blocks)
         cos, sin = self.rotary(positions)
-        x = self.embed(input_ids)
-        aux_sums: dict[str, Tensor] = {}
-        stats: list[dict[str, Tensor]] = []
-        for block, cache in zip(self.blocks, layer_caches):
-            # The default call stays (x, cos, sin): parallel wrappers replace block.forward.
-            x, aux = block(x, cos, sin) if mask is None else block(x, cos, sin, cache, mask)
-            for key in LOSS_KEYS:
-                if key in aux:
-                    aux_sums[key] = aux_sums.get(key, 0.0) + aux[key]
-            layer_stats = {k: v.detach() for k, v in aux.items() if k not in LOSS_KEYS}
-            if layer_stats:
-                stats.append(layer_stats)
+        x, aux_sums, stats = run_blocks(
+            self.blocks, self.embed(input_ids), cos, sin, kv_cache, mask
+        )
         h = self.norm(x)
         logits = self.lm_head(h)
         return ModelOutput(
             logits=logits,
-            aux_loss=self._weighted_aux(aux_sums, logits),
+            aux_loss=weighted_aux_loss(self.cfg, aux_sums, logits),
             aux_losses=aux_sums,
             expert_stats=stats,
             hidden=h if return_hidden else None,
@@ -179,16 +210,6 @@ class Transformer(nn.Module):
                 cache.key_mask = key_mask
             mask = (mask & key_mask[:, None, :]) | (k_pos == q_pos)[None]
         return mask[:, None]
-
-    def _weighted_aux(self, sums: dict[str, Tensor], like: Tensor) -> Tensor:
-        total = like.new_zeros((), dtype=torch.float32)
-        moe = self.cfg.moe
-        if moe is not None:
-            if "lb_loss" in sums and moe.lb_loss_weight:
-                total = total + moe.lb_loss_weight * sums["lb_loss"]
-            if "z_loss" in sums and moe.z_loss_weight:
-                total = total + moe.z_loss_weight * sums["z_loss"]
-        return total
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -32,10 +32,10 @@ def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
     if mesh.ep > 1:
         from pretrain.parallel.expert import apply_expert_parallel
 
-        # Before tp: tensor parallel wraps each MoE layer's forward on the instance (its
-        # sequence slice, the aux losses over the whole sequence) and hooks the gradients of
-        # the replicated weights, so it must wrap the expert-parallel layer and its shards.
-        apply_expert_parallel(model, mesh)
+        # Before tp: the tensor-parallel block adopts each block's MoE layer as it finds it
+        # (routing its sequence slice, the aux losses over the whole sequence) and hooks the
+        # gradients of the replicated weights, so it must find the expert-parallel layer.
+        model = apply_expert_parallel(model, mesh)
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh)
     if cfg.activation_checkpointing:

@@ -70,7 +70,14 @@ from torch import Tensor, nn
 
 from mop.errors import ConfigError, DataError
 from pretrain.model.moe import MoE
-from pretrain.model.moe_backends import _expert_grouped_mm, compute_dtype
+from pretrain.model.moe_backends import (
+    _expert_loop,
+    compute_dtype,
+    dispatch_combine,
+    run_local_experts,
+)
+from pretrain.model.router import Routing
+from pretrain.parallel.modules import replace_module
 
 EXPERT_PARAM_NAMES = ("w1", "v1", "w2")
 
@@ -120,31 +127,42 @@ class EPInfo:
 
 
 class ExpertParallelMoE(MoE):
-    """An `MoE` whose instance was converted by `apply_expert_parallel` (class swap, as FSDP2's
-    fully_shard does: parameter names, init and isinstance checks stay those of MoE)."""
+    """An `MoE` layer holding only this rank's experts; `apply_expert_parallel` swaps it in for
+    each MoE layer. Routing, aux losses and parameter names are those of `MoE` (the router is
+    the plain layer's own module); only `run_experts` differs: the all-to-all exchange."""
 
-    ep: EPInfo
+    def __init__(self, layer: MoE, ep: EPInfo) -> None:
+        # MoE's constructor on the meta device: the layer's structure without allocating the
+        # full experts a second time; the router and this rank's expert rows are then adopted
+        # from `layer` (same registration order, so parameter order is unchanged).
+        with torch.device("meta"):
+            super().__init__(layer.d_model, layer.cfg, layer.ffn_hidden)
+        self.router = layer.router
+        self.ep = ep
+        n = ep.num_local_experts * layer.ffn_hidden
+        for pname in EXPERT_PARAM_NAMES:
+            full = getattr(layer, pname)
+            rows = full.detach()[ep.rank * n : (ep.rank + 1) * n]
+            shard = nn.Parameter(rows.clone(), requires_grad=full.requires_grad)
+            shard.allreduce = False
+            shard.group_name = expert_group_name(ep.size)
+            setattr(self, pname, shard)
+        self.train(layer.training)
 
     def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """Views [E/ep, f, d] of the LOCAL experts."""
         shape = (self.ep.num_local_experts, self.ffn_hidden, self.d_model)
         return self.w1.view(shape), self.v1.view(shape), self.w2.view(shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        shape = x.shape
-        flat = x.reshape(-1, self.d_model)
-        routing = self.router(flat)
-        y = self._experts(flat, routing)
-        return y.view(shape), self.aux_outputs(routing, shape)
+    def run_experts(self, flat: Tensor, routing: Routing) -> Tensor:
+        # dispatch_combine sorts the assignments by global expert id, which groups them by
+        # destination rank in the order the single-process torch backend uses.
+        return dispatch_combine(flat, routing, lambda xs: self._exchange(xs, routing))
 
-    def _experts(self, flat: Tensor, routing) -> Tensor:
+    def _exchange(self, xs: Tensor, routing: Routing) -> Tensor:
+        """Rows grouped by global expert -> their expert outputs, in the same order, computed
+        by the ranks that own the experts."""
         ep, local = self.ep, self.ep.num_local_experts
-        k = routing.experts.shape[1]
-        # Assignments sorted by global expert id = grouped by destination rank, as the
-        # single-process torch backend orders them.
-        order = torch.argsort(routing.experts.flatten(), stable=True)
-        token_idx = order // k
-        xs = flat[token_idx]
         counts = routing.tokens_per_expert  # [E]
         # recv_counts[j*local + e]: assignments rank j sends to my local expert e.
         recv_counts = torch.empty_like(counts)
@@ -161,9 +179,7 @@ class ExpertParallelMoE(MoE):
         perm = torch.argsort(local_id, stable=True)
         yr = self._local_experts(xr[perm], by_src.sum(0))
         back = torch.empty_like(yr).index_copy(0, perm, yr)  # undo the regrouping
-        ys = all_to_all(back, recv, send, ep.group)  # rows in `order` again
-        ys = ys * routing.weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(flat).index_add_(0, token_idx, ys.to(flat.dtype))
+        return all_to_all(back, recv, send, ep.group)  # rows in the sender's order again
 
     def _local_experts(self, xs: Tensor, tokens_per_expert: Tensor) -> Tensor:
         w1, v1, w2 = self.expert_weights()
@@ -179,7 +195,7 @@ def local_expert_gemm(layer: MoE, xs: Tensor):
     if layer._megablocks is not None and cuda_bf16 and xs.shape[0] > 0:
         return _gmm_experts
     if layer.cfg.grouped_mm and cuda_bf16:
-        return _torch_grouped_experts
+        return run_local_experts  # torch._grouped_mm, the loop where it refuses
     return _loop_experts
 
 
@@ -199,29 +215,8 @@ def _gmm_experts(
     return gmm(h, w2.to(dtype), sizes)
 
 
-def _torch_grouped_experts(
-    xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor
-) -> Tensor:
-    bf16 = torch.bfloat16  # autocast does not cover torch._grouped_mm
-    out = _expert_grouped_mm(xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16))
-    return out if out is not None else _loop_experts(xs, tokens_per_expert, w1, v1, w2)
-
-
 def _loop_experts(xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor):
-    return _connected_expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
-
-
-def _connected_expert_loop(
-    xs: Tensor, counts: list[int], w1: Tensor, v1: Tensor, w2: Tensor
-) -> Tensor:
-    """The torch backend's per-expert loop, but empty experts are NOT skipped: a rank that
-    receives no token must still produce an output attached to the autograd graph, or it would
-    never enter the backward all_to_alls that the other ranks wait in (deadlock)."""
-    outs = []
-    for e, chunk in enumerate(torch.split(xs, counts)):
-        h = torch.nn.functional.silu(chunk @ w1[e].t()) * (chunk @ v1[e].t())
-        outs.append(h @ w2[e])
-    return torch.cat(outs)
+    return _expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -229,11 +224,12 @@ def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
 
 
 def apply_expert_parallel(model: nn.Module, mesh) -> nn.Module:
-    """Shard the experts of every MoE layer over `mesh.ep_group` (in place; returns model).
+    """Swap every MoE layer for an `ExpertParallelMoE` holding this rank's experts of
+    `mesh.ep_group`, in place; returns the model (a new layer when `model` is one MoE layer).
 
-    Expert Parameters are replaced by new Parameters holding this rank's rows (same names) and
-    tagged `allreduce=False`, `group_name='ep_size_{ep}'` (DeepSpeed's MoE convention; see
-    `is_expert_param`). Build any optimizer AFTER this call."""
+    Expert Parameters hold this rank's rows (same names) and are tagged `allreduce=False`,
+    `group_name='ep_size_{ep}'` (DeepSpeed's MoE convention; see `is_expert_param`). Build
+    any optimizer AFTER this call."""
     ep = mesh.ep
     if ep == 1:
         return model
@@ -245,18 +241,10 @@ def apply_expert_parallel(model: nn.Module, mesh) -> nn.Module:
             raise ConfigError(
                 f"expert_parallel={ep} must divide num_experts={layer.num_experts} ({name})"
             )
-        local = layer.num_experts // ep
-        rows = slice(
-            mesh.ep_rank * local * layer.ffn_hidden, (mesh.ep_rank + 1) * local * layer.ffn_hidden
-        )
-        for pname in EXPERT_PARAM_NAMES:
-            full = getattr(layer, pname)
-            shard = nn.Parameter(full.detach()[rows].clone(), requires_grad=full.requires_grad)
-            shard.allreduce = False
-            shard.group_name = expert_group_name(ep)
-            setattr(layer, pname, shard)
-        layer.__class__ = ExpertParallelMoE
-        layer.ep = EPInfo(ep, mesh.ep_rank, mesh.ep_group, local)
+        info = EPInfo(ep, mesh.ep_rank, mesh.ep_group, layer.num_experts // ep)
+        if not name:  # the model is one MoE layer (tests): its replacement is the result
+            return ExpertParallelMoE(layer, info)
+        replace_module(model, name, ExpertParallelMoE(layer, info))
     return model
 
 
@@ -279,46 +267,7 @@ def gather_expert_weights(model: nn.Module, mesh) -> dict[str, Tensor]:
     return state
 
 
-# DeepSpeed integration -------------------------------------------------------------------------
-def _register_deepspeed_groups(mesh) -> str:
-    """Put OUR groups into DeepSpeed's registry, so the engine and ZeRO never build their own
-    (DeepSpeed's own layout would ignore the tensor-parallel placement of our mesh)."""
-    from deepspeed.utils import groups
-
-    name = expert_group_name(mesh.ep)
-    groups._EXPERT_PARALLEL_GROUP[name] = mesh.ep_group
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = mesh.expert_dp_group
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(mesh.ep_group)
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(
-        mesh.expert_dp_group
-    )
-    return name
-
-
-def _deepspeed_moe_marker(num_experts: int, ep: int) -> nn.Module:
-    """A parameter-free `deepspeed.moe.layer.MoE` instance: the engine switches its MoE
-    handling on (expert dp groups in ZeRO, expert-aware broadcast) only when it finds one."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    class DeepSpeedMoEMarker(DeepSpeedMoE):
-        def __init__(self) -> None:
-            nn.Module.__init__(self)  # skip DeepSpeed's layer construction on purpose
-            self.num_experts = num_experts
-            self.ep_size = ep
-            self.expert_group_name = expert_group_name(ep)
-            # 0: DeepSpeed's per-expert checkpoint files stay empty (our expert shards live in
-            # the module state + ZeRO optimizer partitions; see the module docstring).
-            self.num_local_experts = 0
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False):
-            pass  # groups are ours, registered by _register_deepspeed_groups
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("DeepSpeed MoE marker is not a layer")
-
-    return DeepSpeedMoEMarker()
-
-
+# DeepSpeed integration (its private internals are in pretrain.deepspeed_compat) ---------------
 def prepare_expert_parallel_for_deepspeed(
     model: nn.Module, mesh, param_groups: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -327,21 +276,17 @@ def prepare_expert_parallel_for_deepspeed(
     `moe=True` group reduced over `mesh.expert_dp_group`). No-op split when ep == 1."""
     if mesh.ep == 1:
         return param_groups
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from pretrain import deepspeed_compat
 
-    _register_deepspeed_groups(mesh)
-    if not hasattr(model, "_deepspeed_moe_marker"):
+    name = expert_group_name(mesh.ep)
+    deepspeed_compat.register_expert_groups(name, mesh.ep_group, mesh.expert_dp_group)
+    if "_deepspeed_moe_marker" not in model._modules:
         num_experts = _moe_layers(model)[0][1].num_experts
-        model.add_module("_deepspeed_moe_marker", _deepspeed_moe_marker(num_experts, mesh.ep))
-    # list(): DeepSpeed's splitter walks each group's params twice (a generator would be empty).
-    named = [
-        {"name": f"group{i}", **g, "params": list(g["params"])} for i, g in enumerate(param_groups)
-    ]
-    # max_group_size=None: no further splitting by size (one moe group per base group).
-    return split_params_into_different_moe_groups_for_optimizer(named, max_group_size=None)
+        marker = deepspeed_compat.moe_marker(num_experts, mesh.ep, name)
+        model.add_module("_deepspeed_moe_marker", marker)
+    return deepspeed_compat.split_moe_param_groups(param_groups)
 
 
-@torch.no_grad()
 def restore_expert_weights_after_load(engine) -> None:
     """Call on every rank right after `engine.load_checkpoint(...)` (ZeRO 1/2).
 
@@ -350,16 +295,9 @@ def restore_expert_weights_after_load(engine) -> None:
     from its own optimizer file) is right. ZeRO would copy the masters back only at the next
     step, after a forward with the wrong experts; this does that copy now (and re-gathers the
     partitions inside each expert dp group)."""
-    opt = engine.optimizer
-    for i, is_moe in enumerate(getattr(opt, "is_moe_param_group", [])):
-        if not is_moe:
-            continue
-        group = opt.real_dp_process_group[i]
-        parts = opt.parallel_partitioned_bit16_groups[i]  # views into the module's flat buffer
-        mine = parts[dist.get_rank(group=group)]
-        mine.copy_(opt.single_partition_of_fp32_groups[i].to(mine.dtype))
-        if len(parts) > 1:
-            dist.all_gather(list(parts), mine.clone(), group=group)
+    from pretrain import deepspeed_compat
+
+    deepspeed_compat.restore_expert_partitions(engine)
 
 
 # Expert shards on disk ---------------------------------------------------------------------------

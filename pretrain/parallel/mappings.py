@@ -48,6 +48,7 @@ class _GatherSeq(torch.autograd.Function):
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
+    # The mirror image of _GatherSeq: each one's backward is the other's forward.
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group

@@ -25,13 +25,7 @@ USABLE, WHY = megablocks_usable()
 
 def _to_ep1(layer: MoE, group) -> MoE:
     """What apply_expert_parallel does for ep ranks of one (it returns early for ep=1)."""
-    for name in expert.EXPERT_PARAM_NAMES:
-        p = getattr(layer, name)
-        p.allreduce = False
-        p.group_name = expert.expert_group_name(1)
-    layer.__class__ = expert.ExpertParallelMoE
-    layer.ep = expert.EPInfo(1, 0, group, layer.num_experts)
-    return layer
+    return expert.ExpertParallelMoE(layer, expert.EPInfo(1, 0, group, layer.num_experts))
 
 
 @pytest.mark.skipif(not USABLE, reason=WHY)

@@ -24,6 +24,7 @@ from pretrain.model.config import ModelConfig, MoEConfig
 from pretrain.model.moe import MoE
 from pretrain.model.transformer import build_model, lm_loss
 from pretrain.parallel.expert import (
+    ExpertParallelMoE,
     apply_expert_parallel,
     gather_expert_weights,
     is_expert_param,
@@ -125,7 +126,8 @@ def _layer_case(rank: int, skewed: bool) -> dict:
     layer = MoE(d, cfg, f)
     layer.load_state_dict(full)
     mesh = _ep2_mesh(rank)
-    apply_expert_parallel(layer, mesh)
+    layer = apply_expert_parallel(layer, mesh)
+    assert isinstance(layer, ExpertParallelMoE)
     half = slice(rank * batch // 2, (rank + 1) * batch // 2)
     xl = x[half].clone().requires_grad_(True)
     y, aux = layer(xl)
