@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mop.cli import ArgumentParser, examples
 from mop.config import load_config
 from mop.errors import UserError, cli_entry
 from mop.progress import fmt_bytes
@@ -618,11 +619,15 @@ def format_table(checks: list[Check]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m pretrain.doctor",
         description="Check this machine (and a train config) before a long job.",
-        epilog="example: python -m pretrain.doctor --config configs/train/tiny_cpu.yaml "
-        "data.data_dir=demo_out/data --fast",
+        epilog=examples(
+            "python -m pretrain.doctor",
+            "python -m pretrain.doctor --config configs/train/tiny_cpu.yaml "
+            "data.data_dir=demo_out/data --fast",
+            notes="Exit 0: ready (warnings allowed); 1: a problem, each with its fix.",
+        ),
     )
     p.add_argument("--config", help="train config YAML: adds layout, disk, data, run dir checks")
     p.add_argument("overrides", nargs="*", help="dotted overrides, as for python -m pretrain")

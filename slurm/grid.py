@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from mop.cli import ArgumentParser, examples
 from mop.config import StrictModel, read_yaml, validate
 from mop.errors import ConfigError, UserError, cli_entry
 from mop.results import RESULTS_FILE
@@ -425,9 +426,23 @@ def sweep_grid(sub: Any, args: argparse.Namespace, conflicting: Any) -> None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m slurm.grid", description=__doc__.split("\n")[0])
+    p = ArgumentParser(
+        prog="python -m slurm.grid",
+        description=__doc__.split("\n")[0],
+        epilog=examples(
+            "python -m slurm.grid configs/reproduce/memorization_cpu.yaml --stage data --index 0",
+            "python -m slurm.grid configs/reproduce/memorization_cpu.yaml --stage report",
+            notes="One stage of a grid, as slurm/grid.sbatch runs it; to run a whole grid use "
+            "python -m slurm.submit sweep --grid GRID [--local].",
+        ),
+    )
     p.add_argument("grid", help="grid YAML (configs/reproduce/*.yaml)")
-    p.add_argument("--stage", choices=("data", "run", "report"), required=True)
+    p.add_argument(
+        "--stage",
+        choices=("data", "run", "report"),
+        required=True,
+        help="data: make one data directory; run: train+evaluate one run; report: the figures",
+    )
     p.add_argument("--index", type=int, help="array task index (data and run stages)")
     args = p.parse_args(argv)
     run_stage(load_grid(args.grid), args.stage, args.index)

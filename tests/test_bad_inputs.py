@@ -740,6 +740,12 @@ CASES: list[Case] = [
         "--threshold",
         results_dir,
     ),
+    # ---- slurm.grid (one stage of a grid) and pretrain.doctor
+    Case("grid-no-stage", ["slurm.grid", "g.yaml"], "--stage", code=2),
+    Case("grid-unknown-stage", ["slurm.grid", "g.yaml", "--stage", "train"], "train", code=2),
+    Case("grid-missing-file", ["slurm.grid", "{case}/g.yaml", "--stage", "report"], "g.yaml"),
+    Case("doctor-unknown-flag", ["pretrain.doctor", "--gpus", "8"], "--gpus", code=2),
+    Case("doctor-missing-config", ["pretrain.doctor", "--config", "{case}/t.yaml"], "t.yaml"),
     # ---- slurm.submit (validated before any sbatch; --dry-run submits nothing)
     Case("submit-no-command", ["slurm.submit"], "COMMAND", code=2),
     Case(

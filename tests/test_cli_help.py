@@ -25,12 +25,14 @@ ENTRY_POINTS = {
     "data_prep": "data_prep.__main__:main",
     "pretrain": "pretrain.__main__:main",
     "pretrain.model_info": "pretrain.model_info:main",
+    "pretrain.doctor": "pretrain.doctor:main",
     "pretrain.memorization": "pretrain.memorization:main",
     "pretrain.model.hf_export": "pretrain.model.hf_export:main",
     "eval": "eval.__main__:main",
     "eval.export": "eval.export:main",
     "eval.report": "eval.report:main",
     "slurm.submit": "slurm.submit:main",
+    "slurm.grid": "slurm.grid:main",
     "demo": "demo.__main__:main",
 }
 

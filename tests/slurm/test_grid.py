@@ -257,10 +257,35 @@ def test_array_task_runs_its_index_and_skips_when_finished(tmp_path: Path, monke
     assert executed[-1] == G.report_command(grid)
 
 
-def test_sbatch_script_is_valid_bash() -> None:
-    script = REPO / "slurm" / "grid.sbatch"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert "--stage" in script.read_text() and "SLURM_ARRAY_TASK_ID" in script.read_text()
+def test_sbatch_script_runs_its_array_task_and_refuses_a_non_array_run(tmp_path) -> None:
+    # The job script with a stand-in Python: an array task runs its own index of the stage;
+    # a run stage outside an array is refused before any Python starts.
+    fake = tmp_path / "fakepy"
+    fake.write_text('#!/usr/bin/env bash\necho "$@" >> "$CALLS"\n')
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MOP_"))}
+    env.update(
+        PY=str(fake),
+        CALLS=str(calls),
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        MOP_SLURM_DIR=str(REPO / "slurm"),
+    )
+    script = str(REPO / "slurm" / "grid.sbatch")
+    ok = subprocess.run(
+        ["bash", script, "g.yaml", "run"],
+        env={**env, "SLURM_ARRAY_TASK_ID": "3"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert calls.read_text().splitlines() == ["-m slurm.grid g.yaml --stage run --index 3"]
+    bad = subprocess.run(
+        ["bash", script, "g.yaml", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode != 0 and "not an array task" in bad.stderr
+    assert calls.read_text().splitlines() == ["-m slurm.grid g.yaml --stage run --index 3"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs/reproduce").glob("*.yaml")))
