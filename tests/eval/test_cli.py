@@ -57,7 +57,9 @@ def _fake_task(calls: list, fail_on: str | None = None):
     return fake
 
 
-def test_benchmark_and_synthetic_suites_merge_into_one_file(run_copy, monkeypatch, capsys):
+def test_benchmark_and_synthetic_suites_merge_into_one_file(
+    run_copy, monkeypatch, capsys, tmp_path
+):
     import eval.synthetic
     import eval.tasks
 
@@ -70,12 +72,14 @@ def test_benchmark_and_synthetic_suites_merge_into_one_file(run_copy, monkeypatc
     monkeypatch.setattr(eval.tasks, "run_suite", _fake_task(calls))
     monkeypatch.setattr(eval.synthetic, "run_synthetic", fake_synthetic)
     step = run_copy / "checkpoints" / "step_00000002"
-    args = ["--checkpoint", str(step), "--limit", "3", "--benchmark-dir", "/bench"]
+    bench = tmp_path / "bench"  # eval checks that --benchmark-dir exists before loading
+    bench.mkdir()
+    args = ["--checkpoint", str(step), "--limit", "3", "--benchmark-dir", str(bench)]
     assert main([*args, "--suite", "all"]) == 0
     assert main([*args, "--suite", "synthetic", "--num-fewshot", "2"]) == 0
     every_task = list(eval.tasks.TASKS)  # knowledge, commonsense, math: the suites' order
     assert [c[0] for c in calls] == [*every_task, "synthetic"]
-    assert calls[0][1:] == ("/bench", 3, None, 48)
+    assert calls[0][1:] == (str(bench), 3, None, 48)
     doc = load_results(step)
     assert doc["step"] == 2 and set(doc["tasks"]) == set(every_task)
     assert doc["categories"] == {"knowledge": 0.25, "commonsense": 0.25, "math": 0.25}
