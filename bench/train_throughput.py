@@ -166,10 +166,11 @@ def ours(case: Case, model_cfg, args: argparse.Namespace, cuda: bool):
     from mop.config import load_config
     from pretrain.__main__ import param_groups
     from pretrain.config import TrainConfig, derived_sizes, resolve_precision
+    from pretrain.deepspeed_compat import keep_stage0_grad_norm
     from pretrain.deepspeed_config import deepspeed_config
     from pretrain.model.transformer import build_model
     from pretrain.parallel import build_mesh, parallelize
-    from pretrain.trainer import Trainer, keep_stage0_grad_norm
+    from pretrain.trainer import Trainer
 
     _init_single_process(cuda)
     run_dir = tempfile.mkdtemp(prefix="mop_bench_")
