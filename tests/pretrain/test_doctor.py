@@ -247,7 +247,8 @@ def test_entry_point_exit_code_and_one_error_line(tmp_path):
     )
     assert res.returncode == doctor.FAIL_EXIT_CODE, res.stdout + res.stderr
     assert res.stderr.strip() == "error: doctor found 1 problem(s): data"
-    assert "no manifest.json in" in res.stdout and "Traceback" not in res.stderr
+    assert f"data.data_dir not found: {tmp_path / 'nowhere'}" in res.stdout
+    assert "Traceback" not in res.stderr
 
 
 def test_train_sbatch_stops_before_srun_on_a_problem(tmp_path):
