@@ -25,22 +25,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from mop.cli import check_device
 from mop.config import apply_overrides, read_yaml, save_resolved, validate
 from mop.errors import ConfigError, check_dir_target, cli_entry
-from pretrain.model.classifier import (
-    ClassifierConfig,
-    SequenceClassifier,
-    build_classifier,
-    classifier_size,
-)
+from pretrain.model.config import ClassifierConfig
+
+# torch is imported inside the functions: a bad flag or path is reported before it loads.
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from pretrain.model.classifier import SequenceClassifier
 
 
 def load_classifier_config(
@@ -60,6 +59,8 @@ def load_classifier_config(
 
 def model_header(cfg: ClassifierConfig, name: str) -> dict[str, Any]:
     """The `model` entry of results.json for a classifier."""
+    from pretrain.model.classifier import classifier_size
+
     total, active = classifier_size(cfg)
     experts = None
     if cfg.ffn in ("moe", "soft_moe", "peer"):
@@ -77,11 +78,12 @@ def model_header(cfg: ClassifierConfig, name: str) -> dict[str, Any]:
 
 
 def _as_tensor(a: np.ndarray | Tensor) -> Tensor:
+    import torch
+
     # np.array copies: memory-mapped inputs are read-only, which torch warns about.
-    return a if isinstance(a, Tensor) else torch.from_numpy(np.array(a))
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
 
 
-@torch.no_grad()
 def classifier_accuracy(
     model: nn.Module,
     x: np.ndarray | Tensor,
@@ -90,19 +92,22 @@ def classifier_accuracy(
     batch_size: int = 1024,
 ) -> float:
     """Fraction of sequences whose logit sign matches the +-1 label (logit 0 counts as -1)."""
+    import torch
+
     n = len(y)
     if n == 0:
         return 0.0
     was_training = model.training
     model.eval()
     correct = 0
-    for lo in range(0, n, batch_size):
-        xb, yb = _as_tensor(x[lo : lo + batch_size]), _as_tensor(y[lo : lo + batch_size])
-        yb = yb.to(device)
-        out = model(xb.to(device, torch.float32))
-        logit = out.logits if hasattr(out, "logits") else out
-        pred = torch.where(logit.reshape(-1) > 0, 1, -1)
-        correct += int((pred == yb.reshape(-1).long()).sum())
+    with torch.no_grad():
+        for lo in range(0, n, batch_size):
+            xb, yb = _as_tensor(x[lo : lo + batch_size]), _as_tensor(y[lo : lo + batch_size])
+            yb = yb.to(device)
+            out = model(xb.to(device, torch.float32))
+            logit = out.logits if hasattr(out, "logits") else out
+            pred = torch.where(logit.reshape(-1) > 0, 1, -1)
+            correct += int((pred == yb.reshape(-1).long()).sum())
     model.train(was_training)
     return correct / n
 
@@ -125,6 +130,9 @@ def train_classifier(
 
     `log(record)` is called at every log step (and the last) with step/loss/accuracy/lr.
     """
+    import torch
+    import torch.nn.functional as F
+
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     target = (y.float() + 1) / 2
@@ -213,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--batch-size and --warmup must be >= 0")
     check_dir_target(args.out, "--out")
     check_device(args.device)
-    from safetensors.torch import save_file
-
     from data_prep.synthetic.memorization import load_memorization
     from mop.results import update_results
 
+    # Data and model config are read and checked before torch is imported (fast errors).
     x_np, y_np = load_memorization(args.data)
     cfg = load_classifier_config(args.model, args.overrides, x_np.shape[2], x_np.shape[1])
+    import torch
+    from safetensors.torch import save_file
+
+    from pretrain.model.classifier import build_classifier
+
     torch.manual_seed(args.seed)
     model = build_classifier(cfg).to(args.device)
     x, y = torch.from_numpy(np.array(x_np)), torch.from_numpy(np.array(y_np))

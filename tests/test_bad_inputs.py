@@ -967,3 +967,23 @@ def test_bad_input(case: Case, outcomes: dict[str, Outcome]) -> None:
     fx = case_dir.parent / "fixtures"
     assert _fill(case.culprit, case_dir, fx) in errors[0], shown
     assert out.after == out.before, f"the failed command left output behind: {shown}"
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["data_prep", "pretrain", "pretrain.model_info", "pretrain.memorization", "eval", "eval.report",
+     "eval.export", "slurm.submit", "pretrain.doctor"],
+)  # fmt: skip
+def test_entry_point_imports_no_torch_before_checking_its_input(module: str) -> None:
+    # A bad flag or path is reported before torch (seconds to import) is loaded: the entry
+    # point module itself must not import torch or DeepSpeed at module level.
+    code = (
+        f"import sys, importlib; importlib.import_module({module!r} if {module!r}.count('.') "
+        f"else {module!r} + '.__main__'); "
+        "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"python -m {module} imports {out.stdout.strip()} at load"

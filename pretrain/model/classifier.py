@@ -14,21 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from pretrain.model.accounting import attention_params, ffn_accounting
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ClassifierConfig, ModelConfig  # noqa: F401 (re-export)
 from pretrain.model.norm import RMSNorm
 from pretrain.model.rotary import RotaryEmbedding
 from pretrain.model.transformer import Block, init_blocks, run_blocks, weighted_aux_loss
-
-
-class ClassifierConfig(ModelConfig):
-    """A `ModelConfig` read as a sequence classifier over `input_dim`-dimensional vectors."""
-
-    input_dim: int = Field(32, ge=1)
-    causal: bool = False
 
 
 @dataclass

@@ -209,3 +209,12 @@ class ModelConfig(StrictModel):
                 "serve a causal LM. Use it with causal=false (non-autoregressive synthetic tasks)"
             )
         return self
+
+
+# Here, not beside the classifier module, so that reading a classifier config (and refusing a bad
+# one) does not import torch: `python -m pretrain.memorization` checks its inputs first.
+class ClassifierConfig(ModelConfig):
+    """A `ModelConfig` read as a sequence classifier over `input_dim`-dimensional vectors."""
+
+    input_dim: int = Field(32, ge=1)
+    causal: bool = False
