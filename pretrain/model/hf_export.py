@@ -22,16 +22,19 @@ import json
 import re
 import sys
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from mop.cli import ArgumentParser, examples
 from mop.config import load_config, save_resolved
 from mop.errors import ConfigError, DataError, check_dir_target, cli_entry
 from pretrain.model.config import ModelConfig, MoEConfig
-from pretrain.model.transformer import Transformer, build_model
+
+# torch is imported inside the functions: the CLI checks its config and paths before it loads.
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from pretrain.model.transformer import Transformer
 
 SIDECAR = "mop_model.yaml"
 WEIGHTS = "model.safetensors"
@@ -114,8 +117,14 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     return out
 
 
-def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json + model.safetensors (+ the mop sidecar) loadable with from_pretrained."""
+def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors (+ the mop sidecar) loadable with from_pretrained.
+
+    `dtype` defaults to float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float32 if dtype is None else dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = hf_config(model.cfg)
@@ -168,6 +177,8 @@ def _config_from_hf(d: dict) -> ModelConfig:
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise DataError(f"no .safetensors file in {path}")
@@ -179,6 +190,8 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
 
 def _expert_tensors(sd: dict[str, Tensor], i: int, cfg: ModelConfig) -> tuple[Tensor, ...]:
     """(router [E,d], w1 [E*f,d], v1 [E*f,d], w2 [E*f,d]) from either Mixtral layout."""
+    import torch
+
     n, f, d = cfg.moe.num_experts, cfg.expert_ffn_dim, cfg.d_model
     legacy = f"model.layers.{i}.block_sparse_moe."
     fused = f"model.layers.{i}.mlp."
@@ -233,6 +246,8 @@ def import_hf(path: str | Path, overrides: list[str] | None = None) -> Transform
         cfg = sidecar
     elif overrides:
         cfg = load_config(ModelConfig, None, [*_as_overrides(cfg), *overrides])
+    from pretrain.model.transformer import build_model
+
     model = build_model(cfg)
     state = {k: v.float() for k, v in from_hf_state_dict(cfg, _load_tensors(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -305,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     check_dir_target(args.out, "--out")
     if args.weights and not Path(args.weights).is_file():
         raise DataError(f"--weights file not found: {args.weights}")
+    import torch
+
+    from pretrain.model.transformer import build_model
+
     model = build_model(cfg)
     if args.weights:
         try:
