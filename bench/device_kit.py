@@ -51,23 +51,18 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     whl = REPO / ".whl"
     site = work / "site"
     bench = work / "bench"
-    if args.smoke:
+
+    def device_and_tests(pytest_flags: list[str], timeout_s: float) -> list[Step]:
+        # The same two steps in both modes; the GPU call also shows the tests' own output.
+        pytest = [py, "-m", "pytest", "-q", *pytest_flags, "-p", "no:cacheprovider", "tests/gpu"]
         return [
             Step("device", [py, "-c", DEVICE_INFO], 60),
-            Step(
-                "tests_gpu",
-                [
-                    py,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "tests/gpu",
-                    f"--junitxml={work / 'tests_gpu.xml'}",
-                ],
-                120,
-            ),  # fmt: skip
+            Step("tests_gpu", [*pytest, f"--junitxml={work / 'tests_gpu.xml'}"], timeout_s),
+        ]
+
+    if args.smoke:
+        return [
+            *device_and_tests([], 120),
             Step(
                 "train_throughput",
                 [py, "bench/train_throughput.py", "--smoke", "--out", str(bench)],
@@ -85,22 +80,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("install", ["bash", "-c", install], 90),
         # into the machine's own site-packages, beside its torch (as docker/ does)
         Step("build_kernels", ["bash", "docker/build_gpu_deps.sh", str(whl)], 300, {"PY": py}),
-        Step("device", [py, "-c", DEVICE_INFO], 60),
-        Step(
-            "tests_gpu",
-            [
-                py,
-                "-m",
-                "pytest",
-                "-q",
-                "-s",
-                "-p",
-                "no:cacheprovider",
-                "tests/gpu",
-                f"--junitxml={work / 'tests_gpu.xml'}",
-            ],
-            args.tests_timeout_s,
-        ),  # fmt: skip
+        *device_and_tests(["-s"], args.tests_timeout_s),
         Step(
             "train_throughput",
             [
