@@ -1,23 +1,31 @@
-# Set-up and everyday commands. `make install` is idempotent: it rebuilds .venv
-# only when requirements change (stamp file keyed on their hash).
+# Set-up and everyday commands. `make install` is idempotent: it reinstalls the pinned
+# dependencies only when requirements change (stamp file keyed on their hash), and installs
+# the project itself into .venv (editable) so `python -m slurm.submit|data_prep|pretrain|eval`
+# works from any directory, e.g. a cluster job's (stamp redone when pyproject.toml changes).
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-gpu.txt 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
+PROJECT_STAMP := $(VENV)/.project-installed
 # A GPU machine keeps the torch it already has (built for its CUDA).
 HAS_CUDA := $(shell $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1 || echo 0)
 PYTEST_ARGS ?=
 
 .PHONY: install test lint format demo clean help
 help:
-	@echo "make install   create .venv and install pinned dependencies (CPU torch unless CUDA is present)"
+	@echo "make install   create .venv: pinned dependencies (CPU torch unless CUDA is present) + this project, editable"
 	@echo "make demo      run the end-to-end demo on generated data (CPU is fine)"
 	@echo "make test      lint + the CPU test suite (tests/gpu skip without CUDA)"
 	@echo "make format    ruff format + autofix"
 
-install: $(STAMP)
+install: $(PROJECT_STAMP)
+
+# the project, editable: its packages import from this checkout wherever Python runs
+$(PROJECT_STAMP): pyproject.toml $(STAMP)
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
 $(STAMP): requirements.txt requirements-gpu.txt
 	@set -euo pipefail; \
