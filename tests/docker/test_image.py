@@ -190,8 +190,9 @@ def test_cpu_image_builds_and_trains_as_non_root(tmp_path):
         pytest.skip("the build's apt-get cannot reach the Debian mirror from here")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
-    # --help as the image's user; the build context kept the checkout's local state out
-    probe = "id -u; python -m pretrain --help; ls -A /opt/mop"
+    # --help as the image's user, from a directory other than the source (the project is
+    # installed); the build context kept the checkout's local state out
+    probe = "id -u; cd /tmp && python -m pretrain --help; ls -A /opt/mop"
     proc = _sh([*RUN, TEST_IMAGE, "bash", "-c", probe], "podman run --help")
     assert proc.returncode == 0, proc.stderr[-3000:]
     uid, *rest = proc.stdout.splitlines()
@@ -207,8 +208,10 @@ def test_cpu_image_builds_and_trains_as_non_root(tmp_path):
     out.mkdir()
     out.chmod(0o777)
     over = train_overrides(Path("/data"), Path("/out/run"), max_steps=4, **{"eval.interval": 2})
+    # started in /out, as a job in its submit directory: the recipe's model config is found
     cmd = [*RUN, "-e", "OMP_NUM_THREADS=1", "-v", f"{data}:/data:ro", "-v", f"{out}:/out"]
-    cmd += [TEST_IMAGE, "python", "-m", "pretrain", "--config", "configs/train/tiny_cpu.yaml"]
+    cmd += ["-w", "/out", TEST_IMAGE, "python", "-m", "pretrain"]
+    cmd += ["--config", "/opt/mop/configs/train/tiny_cpu.yaml"]
     proc = _sh([*cmd, *over], "podman run tiny training")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = [json.loads(line) for line in (out / "run/metrics.jsonl").read_text().splitlines()]

@@ -196,3 +196,64 @@ def test_process_group_timeout_comes_from_the_config(monkeypatch):
         load_config(TrainConfig, REPO / "configs/train/tiny_cpu.yaml").parallel.timeout_minutes
         == 10
     )
+
+
+def _checkout_copy(tmp_path: Path, with_venv: bool) -> Path:
+    """A checkout elsewhere: slurm/ copied, and a stand-in .venv/bin/python that says so."""
+    checkout = tmp_path / "checkout"
+    (checkout / "slurm").mkdir(parents=True)
+    for f in (REPO / "slurm").glob("*.s[bh]*"):
+        (checkout / "slurm" / f.name).write_text(f.read_text())
+    if with_venv:
+        py = checkout / ".venv/bin/python"
+        py.parent.mkdir(parents=True)
+        py.write_text('#!/usr/bin/env bash\necho "checkout-venv-python $*" >> "$STANDIN_LOG"\n')
+        py.chmod(0o755)
+    return checkout
+
+
+@pytest.mark.parametrize("how", ["sbatch", "bash"])
+def test_jobs_find_launch_sh_and_python_from_the_script_not_the_working_directory(tmp_path, how):
+    """`sbatch /elsewhere/slurm/X.sbatch` from any directory, no MOP_SLURM_DIR, no PY: SLURM
+    runs a copy of the script from its spool directory, so the job reads the path sbatch was
+    given (relative to the submit directory) from `scontrol show job`; run by bash, from $0.
+    Python is then the checkout's .venv, else `python` on PATH."""
+    bin_dir = _standins(tmp_path)
+    checkout = _checkout_copy(tmp_path, with_venv=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    given = os.path.relpath(checkout / "slurm/data_prep_merge.sbatch", work)
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [ "$1 $2 $3" = "show job 7" ]; then\n'
+        f'  echo "   Command={given} c.yaml"; echo "   WorkDir={work}"\nelse echo localhost; fi\n'
+    )
+    script = checkout / "slurm/data_prep_merge.sbatch"
+    if how == "sbatch":  # slurmd's copy, far from the checkout
+        spool = tmp_path / "spool/job00007"
+        spool.mkdir(parents=True)
+        script = spool / "slurm_script"
+        script.write_text((checkout / "slurm/data_prep_merge.sbatch").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MOP_"))}
+    env.pop("PY", None)
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", STANDIN_LOG=str(tmp_path / "calls.log"))
+    if how == "sbatch":
+        env.update(SLURM_SUBMIT_DIR=str(work), SLURM_JOB_ID="7")
+    proc = subprocess.run(
+        ["bash", str(script), "c.yaml"], env=env, cwd=work, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls == ["checkout-venv-python -m data_prep merge --config c.yaml"], calls
+
+    # no .venv in that checkout: the `python` on PATH (an activated environment)
+    (checkout / ".venv/bin/python").unlink()
+    (bin_dir / "python").write_text(
+        '#!/usr/bin/env bash\necho "path-python $*" >> "$STANDIN_LOG"\n'
+    )
+    (bin_dir / "python").chmod(0o755)
+    (tmp_path / "calls.log").unlink()
+    proc = subprocess.run(
+        ["bash", str(script), "c.yaml"], env=env, cwd=work, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "calls.log").read_text().splitlines()[0].startswith("path-python -m")
