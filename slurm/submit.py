@@ -18,6 +18,7 @@ Job ids come from `sbatch --parsable`. `--dry-run` prints the sbatch commands wi
 placeholder ids instead of submitting, and writes nothing. Extra `--sbatch` arguments
 (account, partition, qos) are passed to every job. Every config, path and suite a chain
 needs is checked before the first sbatch; the log directories are created before it.
+The options for every job (--dry-run, --sbatch, --container*) go before or after the command.
 
 In a container (every job: data, train, eval, sweep; see slurm/container.py):
     python -m slurm.submit --container IMAGE [--container-runtime pyxis|apptainer]
@@ -206,43 +207,63 @@ def _check_data_config(config: str, overrides: list[str]) -> None:
     load_config(DataPrepConfig, config, overrides)
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def _add_job_flags(parser: argparse.ArgumentParser, *, in_command: bool) -> None:
+    """The flags that apply to every job, accepted before the command
+    (`slurm.submit --dry-run sweep ...`) and after it (`slurm.submit sweep ... --dry-run`), and
+    listed in both --help texts. After the command they default to SUPPRESS: argparse would
+    otherwise reset what was given before the command to the defaults; `--sbatch` given after
+    it collects apart (`sbatch_after`) and is appended to those given before (`main`)."""
+    unset = {"default": argparse.SUPPRESS} if in_command else {}
+    g = parser.add_argument_group("options for every job (before or after the command)")
+    g.add_argument(
+        "--dry-run", action="store_true", help="print sbatch commands, submit nothing", **unset
+    )
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        dest="sbatch_after" if in_command else "sbatch",
+        metavar="ARG",
+        help="extra sbatch argument for every job (repeatable), e.g. --sbatch=--account=abc",
+        **(unset or {"default": []}),
+    )
+    g.add_argument(
+        "--container",
+        metavar="IMAGE",
+        help="run every job in this image (pyxis: squashfs file or image name; apptainer: .sif)",
+        **unset,
+    )
+    g.add_argument(
+        "--container-runtime",
+        help="pyxis (srun --container-image) or apptainer (apptainer exec --nv); default pyxis",
+        **(unset or {"default": "pyxis"}),
+    )
+    g.add_argument(
+        "--container-mounts",
+        metavar="SRC[:DST],...",
+        help="more mounts besides the submit directory, e.g. /data:/data,/scratch",
+        **unset,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subparser per command (`data`, `sweep`, `eval`), each taking the
+    job flags too; add a command's own flags to its subparser."""
     ap = ArgumentParser(
         prog="python -m slurm.submit",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--dry-run", action="store_true", help="print sbatch commands, submit nothing")
-    ap.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra sbatch argument for every job, e.g. --sbatch=--account=abc",
-    )
-    ap.add_argument(
-        "--container",
-        metavar="IMAGE",
-        help="run every job in this image (pyxis: squashfs file or image name; apptainer: .sif)",
-    )
-    ap.add_argument(
-        "--container-runtime",
-        default="pyxis",
-        help="pyxis (srun --container-image) or apptainer (apptainer exec --nv); default pyxis",
-    )
-    ap.add_argument(
-        "--container-mounts",
-        metavar="SRC[:DST],...",
-        help="more mounts besides the submit directory, e.g. /data:/data,/scratch",
-    )
+    _add_job_flags(ap, in_command=False)
     sp = ap.add_subparsers(
         dest="cmd", metavar="COMMAND", required=True, help="run `COMMAND --help` for its flags"
     )
     d = sp.add_parser(
         "data",
         help="tokenizer -> tokenize array -> merge",
-        epilog=examples("python -m slurm.submit --dry-run data configs/data/math.yaml --tasks 64"),
+        epilog=examples(
+            "python -m slurm.submit data configs/data/math.yaml --tasks 64 --dry-run",
+            "python -m slurm.submit data configs/data/math.yaml --tasks 64 --sbatch=--account=abc",
+        ),
     )
     d.add_argument("config", help="data-prep YAML (configs/data/*.yaml)")
     d.add_argument("--tasks", type=int, default=16, help="array size of the tokenize job")
@@ -287,7 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         help="extra python -m eval argument, e.g. --eval-arg=--limit=500",
     )
     e.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
+    for command in (d, s, e):
+        _add_job_flags(command, in_command=True)
+    return ap
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = parse_args_with_overrides(ap, argv)
+    args.sbatch = [*args.sbatch, *getattr(args, "sbatch_after", [])]
     container = parse_container(args.container, args.container_runtime, args.container_mounts)
     sub = Submitter(args.dry_run, args.sbatch, container)
     if args.cmd == "data":

@@ -319,3 +319,37 @@ def test_container_flag_errors(tmp_path):
     ]
     for flags, needle in cases:
         _one_error_line(_submit(["--dry-run", *flags, *run], tmp_path), needle)
+
+
+def test_job_flags_work_before_and_after_the_command(tmp_path):
+    """--dry-run, --sbatch and --container* on either side of `data|sweep|eval` (as the
+    README and --help write them): the same jobs; --sbatch given on both sides all reach
+    sbatch, in command-line order; every command's --help lists them."""
+    env = _fake_env(tmp_path)
+    before = _submit(["--dry-run", "--sbatch=--account=abc", "data", TINY_DATA], tmp_path, env)
+    after = _submit(["data", TINY_DATA, "--dry-run", "--sbatch=--account=abc"], tmp_path, env)
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert before.stdout == after.stdout and "sbatch --parsable --account=abc " in after.stdout
+    assert not (tmp_path / "calls").exists()  # dry runs both
+    sif = tmp_path / "mop.sif"
+    sif.write_text("image")
+    tiny, dense = (
+        str(REPO / "configs/train/tiny_cpu.yaml"),
+        str(REPO / "configs/model/tiny_dense.yaml"),
+    )
+    proc = _submit(
+        ["--sbatch=--qos=low", "sweep", tiny, "--models", dense, "--sbatch=--account=abc"]
+        + ["--container", str(sif), "--container-runtime", "apptainer", "max_steps=30"],
+        tmp_path,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.startswith("--parsable --qos=low --account=abc "), call
+    assert "MOP_CONTAINER_RUNTIME=apptainer" in (tmp_path / "env.101").read_text()
+    eval_after = _submit(["eval", str(tmp_path), "--dry-run", "--container", "img"], tmp_path)
+    assert eval_after.returncode == 0 and "MOP_CONTAINER_IMAGE=img" in eval_after.stdout
+    for command in ("data", "sweep", "eval"):
+        text = _submit([command, "--help"], tmp_path).stdout
+        assert "options for every job (before or after the command)" in text, command
+        assert all(f in text for f in ("--dry-run", "--sbatch", "--container-mounts")), command
