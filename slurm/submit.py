@@ -37,7 +37,7 @@ from pathlib import Path
 
 from mop.cli import ArgumentParser, examples
 from mop.config import parse_args_with_overrides
-from mop.errors import UserError, cli_entry
+from mop.errors import ConfigError, UserError, cli_entry
 from slurm.container import Container, parse_container
 
 SLURM_DIR = Path(__file__).resolve().parent
@@ -147,7 +147,10 @@ def submit_sweep(
         run_dir = sweep_run_dir(runs_dir, model)
         job_overrides = [f"model={model}", f"run_dir={run_dir}", f"logging.run_name={name}"]
         job_overrides += overrides
-        _check_train_config(config, job_overrides)  # a bad value fails here, not in the queue
+        try:  # a bad value fails here, not in the queue; the message names the model file
+            _check_train_config(config, job_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"--models {model}: {exc} (drop it from --models)") from None
         planned.append((name, [config, *job_overrides]))
     return [
         sub.sbatch("train.sbatch", args, options=[f"--job-name=train-{name}"], after=after or None)

@@ -353,3 +353,21 @@ def test_job_flags_work_before_and_after_the_command(tmp_path):
         text = _submit([command, "--help"], tmp_path).stdout
         assert "options for every job (before or after the command)" in text, command
         assert all(f in text for f in ("--dry-run", "--sbatch", "--container-mounts")), command
+
+
+def test_sweep_refuses_a_non_causal_model_by_file_before_submitting(tmp_path):
+    """A glob over configs/model/synth12_* also matches the Soft MoE (non-causal, refused by
+    pretrain): the sweep names that file and queues nothing; the README's two globs pass."""
+    env = _fake_env(tmp_path)
+    soft = str(REPO / "configs/model/synth12_softmoe_d256_e8.yaml")
+    recipe = [str(REPO / "configs/train/synthetic.yaml")]
+    over = ["model.vocab_size=64", "data.data_dir=data/phonebook_1e5"]
+    dense = str(REPO / "configs/model/synth12_dense_d256.yaml")
+    proc = _submit(["sweep", *recipe, "--models", dense, soft, *over], tmp_path, env)
+    _one_error_line(proc, f"--models {soft}:", "model.causal=false")
+    assert not (tmp_path / "calls").exists()
+    models = sorted(str(p) for p in (REPO / "configs/model").glob("synth12_dense_*.yaml"))
+    models += sorted(str(p) for p in (REPO / "configs/model").glob("synth12_moe_*.yaml"))
+    proc = _submit(["--dry-run", "sweep", *recipe, "--models", *models, *over], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("train.sbatch") == len(models) >= 5
