@@ -1,4 +1,5 @@
-"""`python -m data_prep {tokenizer,tokenize,merge,verify,synthetic} ...` (see --help)."""
+"""`python -m data_prep {tokenizer,tokenize,merge,verify,import-megatron,upgrade-index,synthetic}`
+(see --help)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ EPILOG = examples(
     "python -m data_prep tokenize  --config ... --task-index 3 --num-tasks 64 --no-merge",
     "python -m data_prep merge     --config configs/data/natural_language.yaml",
     "python -m data_prep verify    --data-dir data/natural_language",
+    "python -m data_prep import-megatron --prefix /data/pile_text_document "
+    "--tokenizer tokenizer.json --out data/pile",
     "python -m data_prep synthetic phonebook --out data/phonebook_1e5 --size 100000 --seed 0",
     notes="""\
+Shards are Megatron-LM / GPT-NeoX indexed datasets (.bin + MMIDIDX .idx): megatron-core's
+IndexedDataset reads them, and import-megatron brings such datasets in.
 Overrides: any config field as dotted key=value after the options, e.g. output_dir=/scratch/nl
 mixture.total_tokens=1e9 sources.0.data_files=/data/fineweb/*.parquet (--dry-run prints the
 resolved config). Outputs: everything goes to output_dir (tokenizer, shards/, manifest.json,
@@ -113,6 +118,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", required=True, help="a tokenized or synthetic data directory")
 
+    p = sub.add_parser(
+        "import-megatron",
+        help="make a data directory of Megatron-LM / GPT-NeoX datasets (.bin + .idx) to train on",
+        description="Check existing Megatron/NeoX indexed datasets (every token id against the "
+        "tokenizer's vocabulary, the index against its .bin), record their sha256 and write "
+        "--out with manifest.json, the mixture plan (one prefix = one source) and held-out "
+        "validation sequences cut from the last documents of each source. The .bin is hard-"
+        "linked (symbolically linked across file systems), never copied. Then: python -m "
+        "pretrain --config TRAIN.yaml data.data_dir=OUT.",
+        epilog=examples(
+            "python -m data_prep import-megatron --prefix /data/pile_text_document "
+            "--tokenizer tokenizer.json --out data/pile",
+            "python -m data_prep import-megatron --prefix /d/web_text_document "
+            "/d/code_text_document --source web code --weights 0.7 0.3 "
+            "--tokenizer tokenizer.model --out data/mix --validation-sequences 500",
+            notes="A prefix P names P.bin and P.idx (what preprocess_data.py --output-prefix "
+            "wrote, e.g. pile_text_document). --out must be new, empty or an earlier import "
+            "with the same tokenizer; it is written under a temporary name and renamed into "
+            "place, so a failed run leaves it as it was.",
+        ),
+    )
+    p.add_argument(
+        "--prefix", nargs="+", required=True, metavar="PREFIX", help="dataset prefix(es)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer.json or tokenizer.model the data was made with",
+    )
+    p.add_argument("--out", required=True, help="the data directory to write")
+    p.add_argument(
+        "--source", nargs="+", default=None, metavar="NAME",
+        help="source name per prefix (default: each prefix's file name)",
+    )  # fmt: skip
+    p.add_argument(
+        "--weights", nargs="+", type=float, default=None, metavar="W",
+        help="mixture weight per prefix (default: by training tokens, one pass over each)",
+    )  # fmt: skip
+    p.add_argument(
+        "--validation-sequences", type=int, default=5000, metavar="N",
+        help="held-out validation sequences over all sources (default 5000; 0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--validation-seq-len", type=int, default=2048, metavar="T",
+        help="tokens per validation sequence (default 2048)",
+    )  # fmt: skip
+
+    p = sub.add_parser(
+        "upgrade-index",
+        help="rewrite the .idx files of a data directory from before 2026-12 in Megatron's format",
+        description="Data directories written before 2026-12 hold NumPy .idx files, which "
+        "readers refuse. This rewrites each one as a Megatron MMIDIDX index (checked against "
+        "its recorded sha256 and its .bin) and updates manifest.json and parts/; the .bin "
+        "files are not touched. Safe to rerun; a killed run is finished by running it again.",
+        epilog=examples("python -m data_prep upgrade-index --data-dir data/natural_language"),
+    )
+    p.add_argument("--data-dir", required=True, help="a tokenized or synthetic data directory")
+
     add_synthetic_parser(sub)
     return parser
 
@@ -124,6 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     if args.command == "verify":
         return _verify(args.data_dir)
+    if args.command == "import-megatron":
+        return _import(args)
+    if args.command == "upgrade-index":
+        from data_prep.upgrade import upgrade_data_dir
+
+        done, current = upgrade_data_dir(args.data_dir)
+        print(
+            f"[upgrade-index] {done} index(es) rewritten in the Megatron format, {current} "
+            f"already current, in {args.data_dir} (.bin files unchanged)"
+        )
+        return 0
     for flag in ("workers", "num_tasks"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -151,6 +225,33 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.merge import merge
 
         merge(cfg, verify=not args.no_verify)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from data_prep.megatron_import import import_megatron
+
+    check_dir_target(args.out, "--out")
+    m = import_megatron(
+        args.prefix,
+        args.tokenizer,
+        args.out,
+        names=args.source,
+        weights=args.weights,
+        validation_sequences=args.validation_sequences,
+        validation_seq_len=args.validation_seq_len,
+    )
+    for label, entry in m["sources"].items():
+        print(
+            f"[import] {label}: {entry['train_tokens']:,} training tokens in "
+            f"{entry['train_documents']:,} documents, {entry['val_documents']:,} held out "
+            f"(.bin {entry['imported']['link']}-linked from {entry['imported']['prefix']}.bin)"
+        )
+    v = m["validation"]
+    print(
+        f"[import] {args.out}: validation {v['num_sequences']} x {v['seq_len']} tokens; train "
+        f"with: python -m pretrain --config TRAIN.yaml data.data_dir={args.out}"
+    )
     return 0
 
 

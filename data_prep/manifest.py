@@ -34,6 +34,15 @@ def shard_relpath(label: str, split: str, unit: int, k: int) -> str:
     return f"shards/{label}/{split}/u{unit:05d}-{k:04d}"
 
 
+def shard_records(doc: dict) -> list[dict]:
+    """Every shard record of a manifest or a fragment: its shards, then the validation
+    sequences (a merged manifest's)."""
+    records = list(doc.get("shards", []))
+    if isinstance(doc.get("validation"), dict) and doc["validation"].get("path"):
+        records.append(doc["validation"])
+    return records
+
+
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     atomic_write_json(Path(out_dir) / MANIFEST, manifest)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -110,28 +111,46 @@ def _allocate(total: int, weights: list[float]) -> list[int]:
 
 def build_validation(cfg: DataPrepConfig, out: Path, shards: list[dict], dtype) -> dict:
     """Fixed validation sequences cut from the held-out documents, mixed by source weight."""
-    vcfg = cfg.validation
+
+    def heldout(label: str):
+        for rec in (s for s in shards if s["source"] == label and s["split"] == "val"):
+            yield np.asarray(ShardReader(out / rec["path"], rec["dtype"]).tokens)
+
     labels = [s.label for s in cfg.sources]
-    wanted = _allocate(vcfg.num_sequences, [s.weight for s in cfg.sources])
+    wanted = _allocate(cfg.validation.num_sequences, [s.weight for s in cfg.sources])
+    chunks = {label: heldout(label) for label in labels}
+    return write_validation(out, dtype, cfg.validation.seq_len, dict(zip(labels, wanted)), chunks)
+
+
+def write_validation(
+    out: Path,
+    dtype,
+    seq_len: int,
+    wanted: dict[str, int],
+    heldout: dict[str, Iterable],
+    tag: str = "merge",
+    short_hint: str = "raise validation.fraction",
+) -> dict:
+    """`validation/sequences`: per source, its held-out token chunks (in order) concatenated
+    and cut into `wanted[label]` sequences of `seq_len`; returns the manifest record."""
     writer = ShardWriter(out / VALIDATION_STEM, dtype)
     per_source = {}
     try:
-        for label, want in zip(labels, wanted):
+        for label, want in wanted.items():
             got = 0
             buf = np.zeros(0, dtype=dtype)
-            for rec in (s for s in shards if s["source"] == label and s["split"] == "val"):
+            for tokens in heldout[label]:
                 if got >= want:
                     break
-                reader = ShardReader(out / rec["path"], rec["dtype"])
-                buf = np.concatenate([buf, np.asarray(reader.tokens)])
-                while len(buf) >= vcfg.seq_len and got < want:
-                    writer.add(buf[: vcfg.seq_len])
-                    buf = buf[vcfg.seq_len :]
+                buf = np.concatenate([buf, tokens])
+                while len(buf) >= seq_len and got < want:
+                    writer.add(buf[:seq_len])
+                    buf = buf[seq_len:]
                     got += 1
             if got < want:
                 print(
-                    f"[merge] warning: source {label!r} has held-out tokens for {got} of "
-                    f"{want} validation sequences; raise validation.fraction"
+                    f"[{tag}] warning: source {label!r} has held-out tokens for {got} of "
+                    f"{want} validation sequences; {short_hint}"
                 )
             per_source[label] = got
         record = writer.finish()
@@ -141,7 +160,7 @@ def build_validation(cfg: DataPrepConfig, out: Path, shards: list[dict], dtype) 
     return {
         **record,
         "path": VALIDATION_STEM,
-        "seq_len": vcfg.seq_len,
+        "seq_len": seq_len,
         "num_sequences": record["documents"],
         "per_source": per_source,
     }

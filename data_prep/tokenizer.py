@@ -113,8 +113,9 @@ class TextTokenizer:
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits, else uint32: halves shard size for vocabularies < 65,536."""
-    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+    """uint16 while every id fits (half the bytes), else int32: the two token dtypes of
+    Megatron's indexed-dataset format (it has no uint32; the .bin bytes are the same)."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
 def load_tokenizer_dir(out_dir: str | os.PathLike) -> TextTokenizer:
