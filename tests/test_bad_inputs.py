@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -153,6 +154,13 @@ def _truncate_idx(data: bytes) -> bytes:
     return data[: len(data) - 8]
 
 
+def _pointer_past_bin(data: bytes) -> bytes:
+    """A Megatron .idx whose fourth sequence pointer runs far past the end of the .bin."""
+    n = int.from_bytes(data[18:26], "little")  # the sequence count after magic/version/dtype
+    at = 34 + 4 * n + 8 * 3
+    return data[:at] + (10**9).to_bytes(8, "little") + data[at + 8 :]
+
+
 def tokenizer_changed(case: Path, fx: Path) -> None:
     p = case / "d" / "tokenizer.json"
     doc = json.loads(p.read_text())
@@ -193,6 +201,8 @@ def results_dir(case: Path, fx: Path) -> None:
 TRAIN = ["pretrain", "--config", "{case}/train.yaml"]
 DP = ["data_prep"]
 SYN = ["data_prep", "synthetic"]
+IMP = ["data_prep", "import-megatron", "--prefix"]
+CHAR_TOK = ["--tokenizer", "{fx}/tokdir/tokenizer.json"]
 PB = [*SYN, "phonebook", "--out", "{case}/pb"]
 SP = [*SYN, "shortest-path", "--out", "{case}/sp"]
 MEM = [*SYN, "memorization", "--out", "{case}/mem"]
@@ -510,6 +520,53 @@ CASES: list[Case] = [
         [*DP, "verify", "--data-dir", "{case}/d"],
         "train_x.npy",
         then(copy_dir("mem"), edit("d/train_x.npy", flip_byte)),
+        code=3,
+    ),
+    # ---- data_prep import-megatron (fx/megatron: Megatron prefixes; fx/tokdir: a char tokenizer)
+    Case(
+        "imp-bin-missing",
+        [*IMP, "{case}/m/d", *CHAR_TOK, "--out", "{case}/o"],
+        "d.bin",
+        then(copy_dir("megatron", "m"), lambda c, f: (c / "m" / "d.bin").unlink()),
+        code=3,
+    ),
+    Case(
+        "imp-idx-bad-header",
+        [*IMP, "{case}/m/d", *CHAR_TOK, "--out", "{case}/o"],
+        "{case}/m/d.idx",
+        then(copy_dir("megatron", "m"), edit("m/d.idx", lambda b: b"XXIDIDX" + b[7:])),
+        code=3,
+    ),
+    Case(
+        "imp-pointers-past-bin",
+        [*IMP, "{case}/m/d", *CHAR_TOK, "--out", "{case}/o"],
+        "{case}/m/d.idx",
+        then(copy_dir("megatron", "m"), edit("m/d.idx", _pointer_past_bin)),
+        code=3,
+    ),
+    Case(
+        "imp-tokenizer-too-small",
+        [*IMP, "{fx}/megatron/wide", *CHAR_TOK, "--out", "{case}/o"],
+        "{fx}/megatron/wide",
+        code=3,
+    ),
+    Case(
+        "imp-out-other-tokenizer",
+        [*IMP, "{fx}/megatron/d", *CHAR_TOK, "--out", "{case}/d"],
+        "{case}/d",
+        copy_dir("pb"),
+        code=3,
+    ),
+    Case(
+        "imp-source-count",
+        [*IMP, "{fx}/megatron/d", "--source", "a", "b", *CHAR_TOK, "--out", "{case}/o"],
+        "--source",
+        code=2,
+    ),
+    Case(
+        "upgrade-index-not-a-data-dir",
+        [*DP, "upgrade-index", "--data-dir", "{case}"],
+        "{case}",
         code=3,
     ),
     # ---- data_prep synthetic
@@ -839,6 +896,14 @@ def _build_fixtures(fx: Path) -> None:
     )
     assert synthetic_main(["memorization", "--out", str(fx / "mem"), "--size", "16"]) == 0
     make_data_dir(fx / "data")
+    # Megatron prefixes (our ShardWriter writes megatron-core's bytes: test_megatron_format.py)
+    from data_prep.shards import ShardWriter
+
+    for name, top in (("d", 90), ("wide", 300)):  # the char tokenizer has ~100 ids
+        w = ShardWriter(fx / "megatron" / name, np.uint16)
+        for i in range(40):
+            w.add((np.arange(5 + i % 7) * 7 + i) % top + 2)
+        w.finish()
 
 
 def _snapshot(root: Path) -> dict[str, str]:
