@@ -26,6 +26,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 from dataclasses import asdict  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 from mop.cli import ArgumentParser, examples
 from mop.config import load_config, to_yaml
@@ -128,8 +129,9 @@ def train(
         f"initializing torch.distributed ({'nccl' if cuda else 'gloo'}, world {de.world_size})"
     )
     with filter_known_chatter():
-        init_distributed(de, cuda, cfg.parallel.timeout_minutes)
-    mesh = init_process_groups(mesh)  # tp / dp / ep groups, created in the same order everywhere
+        device_index = init_distributed(de, cuda, cfg.parallel.timeout_minutes)
+    # tp / dp / ep groups, created in the same order everywhere, with the same timeout
+    mesh = init_process_groups(mesh, cfg.parallel.timeout_minutes)
     if cfg.deterministic:
         # torch imports its compiler stack here (torch._inductor): seconds on a busy CPU.
         console.phase("enabling deterministic algorithms")
@@ -175,6 +177,9 @@ def train(
         groups = prepare_expert_parallel_for_deepspeed(model, mesh, groups)
     console.phase("building the DeepSpeed engine")
     engine, *_ = deepspeed.initialize(
+        # the device chosen from those visible (pretrain.launch.cuda_device_index): without it
+        # DeepSpeed would take cuda:LOCAL_RANK
+        args=None if device_index is None else SimpleNamespace(device_rank=device_index),
         model=model,
         model_parameters=groups,
         config=ds_cfg,

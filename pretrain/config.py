@@ -86,11 +86,18 @@ class CheckpointConfig(StrictModel):
 class PlateauConfig(StrictModel):
     """Stop once the training loss averaged over one pass of the data (one epoch: for a
     synthetic task, the loss on the whole book) has not improved by more than `min_delta`
-    for `patience` passes in a row (pretrain/plateau.py). max_steps still bounds the run."""
+    for `patience` passes in a row (pretrain/plateau.py). max_steps still bounds the run.
+
+    A book is first learned in format only (the loss sits at chance on the digits for many
+    passes) and memorized later: `armed_below` and `min_passes` keep that first plateau from
+    stopping the run. Passes count toward `patience` only once the pass loss has gone below
+    `armed_below` (None: from the first pass) and the run has done `min_passes` passes."""
 
     metric: Literal["loss"] = "loss"
     patience: int = Field(3, ge=1)  # passes without improvement before stopping
     min_delta: float = Field(1e-3, ge=0)  # an improvement must lower the pass loss by more
+    armed_below: float | None = None  # no stop before the pass loss is below this (nats/token)
+    min_passes: int = Field(0, ge=0)  # no stop before this many passes
 
 
 class EvalConfig(StrictModel):

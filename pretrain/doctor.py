@@ -7,8 +7,9 @@ shared-memory comm op on CPU), the optimizer (one step of torch's AdamW with the
 training uses: fused on GPU, foreach on CPU), megablocks and
 grouped_gemm (a grouped GEMM on GPU; missing is only a warning without CUDA, unless the config
 asks for moe.backend=megablocks). With a config: the process layout against the visible GPUs,
-free disk where checkpoints go against `checkpoint.keep_last + 1` checkpoints of this model,
-the data directory (manifest, tokenizer, every shard's size; `--fast` skips the sha256 of each
+which GPU this process takes (`gpu binding`; run the doctor inside the job step, under srun, to
+see each task's own view under per-task binding), free disk where checkpoints go against
+`checkpoint.keep_last + 1` checkpoints of this model, the data directory (manifest, tokenizer, every shard's size; `--fast` skips the sha256 of each
 shard), a writable run directory, the save a restart would resume from (its integrity record;
 `--fast` checks sizes only), the wandb mode.
 
@@ -324,7 +325,9 @@ def layout_from(
     return Layout(world, per_node, per_node if gpu else 0)
 
 
-def check_layout(cfg, layout: Layout, visible_gpus: int) -> list[Check]:
+def check_layout(cfg, layout: Layout, visible_gpus: int, node_gpus: int = 0) -> list[Check]:
+    """`node_gpus`: GPUs SLURM allocated on this node (`slurm_gpus`); a process that sees
+    fewer of them than that is one task of a step with per-task binding, which is fine."""
     from mop.errors import ConfigError
     from pretrain.config import derived_sizes
     from pretrain.parallel import build_mesh
@@ -352,6 +355,15 @@ def check_layout(cfg, layout: Layout, visible_gpus: int) -> list[Check]:
         )
     if layout.gpus_needed == 0:
         out.append(Check("gpus", "ok", f"CPU run ({visible_gpus} GPU(s) visible)"))
+    elif 0 < visible_gpus < node_gpus and node_gpus >= layout.gpus_needed:
+        out.append(
+            Check(
+                "gpus",
+                "ok",
+                f"this task sees {visible_gpus} of the node's {node_gpus} GPUs (per-task "
+                f"binding), {layout.gpus_needed} needed per node",
+            )
+        )
     elif visible_gpus < layout.gpus_needed:
         out.append(
             Check(
@@ -369,6 +381,43 @@ def check_layout(cfg, layout: Layout, visible_gpus: int) -> list[Check]:
             Check("gpus", "ok", f"{visible_gpus} visible, {layout.gpus_needed} needed per node")
         )
     return out
+
+
+def check_gpu_binding(layout: Layout, env: dict[str, str], visible: int) -> Check | None:
+    """The GPU this process would train on (pretrain.launch.cuda_device_index), seen from the
+    environment the doctor runs in. Run inside the job step (`srun python -m pretrain.doctor`)
+    it checks each task's own view: under per-task binding (`--gpus-per-task=1`) a task sees
+    one GPU, device 0, whatever its local rank. None for a CPU run or with no GPU visible (the
+    `gpus` row reports that)."""
+    if layout.gpus_needed == 0 or visible == 0:
+        return None
+    from pretrain.launch import cuda_device_index, dist_env
+
+    local = dist_env(env).local_rank
+    device = cuda_device_index(local, visible)
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{visible} visible" + (f", CUDA_VISIBLE_DEVICES={cvd}" if cvd else "")
+    if visible >= layout.per_node:
+        return Check("gpu binding", "ok", f"local rank {local} -> cuda:{device} ({seen})")
+    if visible == 1:
+        return Check(
+            "gpu binding", "ok", f"local rank {local} -> cuda:0, its own GPU ({seen}: per task)"
+        )
+    if 0 < visible < slurm_gpus(env):  # this task's share of the node: several GPUs each
+        return Check(
+            "gpu binding",
+            "warn",
+            f"local rank {local} -> cuda:{device} of its {visible} GPUs ({seen}): "
+            f"{visible - 1} of them stay idle",
+            "bind one GPU per task (--gpus-per-task=1), or one task per GPU",
+        )
+    return Check(
+        "gpu binding",
+        "fail",
+        f"{layout.per_node} processes on this node share {visible} GPUs ({seen}): local "
+        f"ranks r and r + {visible} would take the same GPU (NCCL refuses that)",
+        f"run at most {visible} tasks per node, or bind one GPU per task (--gpus-per-task=1)",
+    )
 
 
 def checkpoint_bytes(cfg, precision: str) -> int:
@@ -600,7 +649,11 @@ def run_checks(args: argparse.Namespace, env: dict[str, str] | None = None) -> l
     from pretrain.config import resolve_precision
 
     layout = layout_from(args, env, megablocks, cuda)
-    checks += check_layout(cfg, layout, torch.cuda.device_count() if cuda else 0)
+    visible = torch.cuda.device_count() if cuda else 0
+    checks += check_layout(cfg, layout, visible, slurm_gpus(env))
+    binding = check_gpu_binding(layout, env, visible)
+    if binding is not None:
+        checks.append(binding)
     checks.append(check_disk(cfg, resolve_precision(cfg, layout.gpus_needed > 0)))
     checks.append(check_writable("run dir", Path(cfg.run_dir)))
     if Path(cfg.checkpoint_dir).absolute() != (Path(cfg.run_dir) / "checkpoints").absolute():

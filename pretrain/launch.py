@@ -69,22 +69,57 @@ def extensions_dir() -> str:
     return str(Path(get_default_build_root()) / f"env-{env_key}")
 
 
-def init_distributed(de: DistEnv, cuda: bool, timeout_minutes: float = 10.0) -> None:
-    """The default process group; `timeout_minutes` is the config's parallel.timeout_minutes."""
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device this process trains on, out of the `visible` ones.
+
+    torchrun and `srun --gpus-per-node` show every GPU of the node to every process: local rank
+    r takes GPU r. SLURM's per-task binding (`--gpus-per-task=1`, or `--gpu-bind` setting
+    CUDA_VISIBLE_DEVICES per task) shows each task only its own GPU, which is then device 0
+    whatever the local rank (local rank 3 as an ordinal would be an invalid device). With k
+    GPUs bound to each task, local_rank % k spreads the node's tasks over them. (Fewer GPUs
+    than tasks with all of them visible would put two ranks on one GPU, which NCCL refuses:
+    `python -m pretrain.doctor` reports that before the job starts.)"""
+    if visible < 1:
+        raise RuntimeError("CUDA is available but no GPU is visible (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % visible
+
+
+def init_distributed(de: DistEnv, cuda: bool, timeout_minutes: float = 10.0) -> int | None:
+    """The default process group; `timeout_minutes` is the config's parallel.timeout_minutes.
+    Returns the CUDA device index this process uses (None on CPU): pass it to
+    `deepspeed.initialize(args=...)` as `device_rank`, or DeepSpeed takes LOCAL_RANK for one.
+
+    On CUDA with several processes the group is created here, bound to the chosen device
+    (DeepSpeed's own init_distributed would bind cuda:LOCAL_RANK, the wrong ordinal under
+    per-task GPU binding); DeepSpeed then adopts it. Binding the device makes NCCL connect at
+    start-up (a bad network fails here, not in the first step) and torch never has to guess a
+    barrier's device."""
     from datetime import timedelta
 
     import deepspeed
     import torch
 
+    timeout = timedelta(minutes=timeout_minutes)
+    device = None
     if cuda:
-        torch.cuda.set_device(de.local_rank)
+        device = cuda_device_index(de.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if de.world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                "nccl",
+                timeout=timeout,
+                rank=de.rank,
+                world_size=de.world_size,
+                device_id=torch.device("cuda", device),
+            )
     elif de.local_rank == 0:
         clear_stale_jit_lock("deepspeed_shm_comm")
     deepspeed.init_distributed(
-        dist_backend="nccl" if cuda else "gloo",
-        verbose=False,
-        timeout=timedelta(minutes=timeout_minutes),
+        dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=timeout
     )
+    return device
 
 
 STALE_LOCK_SECONDS = 900

@@ -97,15 +97,27 @@ def batch_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> to
 
 
 def _grads_finite(model: torch.nn.Module) -> bool:
-    """Whether every rank's (already all-reduced) gradients are finite."""
-    bad = any(
-        not bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
-    )
-    if not dist.is_initialized():
-        return not bad
-    flag = torch.tensor([1.0 if bad else 0.0], device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    """Whether every rank's (already all-reduced) gradients are finite: one host read however
+    many parameters (a bool() per parameter waited for the device once each). The largest
+    |gradient| is finite exactly when every gradient is (no sum that could overflow)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    biggest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf, foreach=True)
+    bad = (~torch.isfinite(biggest)).to(torch.float32).reshape(1)
+    if dist.is_initialized():
+        bad = bad.to(collective_device())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host tensors (a micro-batch) onto the engine's device. On CUDA they go through pinned
+    (page-locked) memory with non_blocking=True: the copy is queued on the stream and the host
+    goes on to the forward; a copy from pageable memory makes the host wait for it."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 class Callback:
@@ -218,19 +230,28 @@ class Trainer:
         sums = None
         counts = None
         for i, mb in enumerate(batches):
-            out = engine(mb.input_ids.to(engine.device))
-            mb_counts = source_expert_counts(out.expert_stats, mb.source_ids, len(self.data.labels))
+            input_ids, targets, source_ids = to_device(
+                engine.device, mb.input_ids, mb.targets, mb.source_ids
+            )
+            out = engine(input_ids)
+            mb_counts = source_expert_counts(out.expert_stats, source_ids, len(self.data.labels))
             if mb_counts is not None:
                 counts = mb_counts if counts is None else counts + mb_counts
-            lm = batch_lm_loss(out.logits, mb.targets.to(engine.device), self.mesh)
+            lm = batch_lm_loss(out.logits, targets, self.mesh)
             loss = lm + out.aux_loss
+            aux, expert_stats = out.aux_loss.detach(), out.expert_stats
+            # The logits ([B, T, V], ~2 GB at the paper's shapes) are not needed by the
+            # backward (the loss saved its own fp32 softmax): free them before it, and never
+            # keep them into the next micro-batch's forward.
+            del out
             engine.backward(loss)
+            del loss
             boundary = i == len(batches) - 1
             if boundary and self.cfg.zero_stage == 0 and not _grads_finite(engine.module):
                 step_without_update(engine)
             else:
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
-            mb_sums = torch.stack([lm.detach(), out.aux_loss.detach()]).double()
+            mb_sums = torch.stack([lm.detach(), aux]).double()
             sums = mb_sums if sums is None else sums + mb_sums
         lm_sum, aux_sum = sums.tolist()
         n = len(batches)
@@ -244,7 +265,7 @@ class Trainer:
             applied=applied and math.isfinite(lm_mean + aux_mean),
             grad_norm=None if norm is None else float(norm),
             seconds=time.perf_counter() - t0,
-            expert_stats=out.expert_stats,
+            expert_stats=expert_stats,
             expert_counts=counts,
         )
 

@@ -9,7 +9,16 @@ group (the ranks with the same tp_rank) expert parallel takes consecutive blocks
 
 `build_mesh` only checks sizes (it runs before any memory is touched and for `--dry-run`);
 `init_process_groups` creates the groups once torch.distributed is up. Every rank creates every
-group in the same order, as `new_group` requires.
+group in the same order, as `new_group` requires, each with the configured
+`parallel.timeout_minutes`: a subgroup does not inherit the default group's timeout, and without
+it ZeRO's reductions and the expert all-to-alls would wait torch's default 10 minutes. No group
+is created that is not needed: under NCCL with the device bound (pretrain/launch.py) each new
+group is an `ncclCommSplit` in which every rank of the world takes part, so a group spanning
+the world is the default group itself, a group with the ranks of one already made is that one
+(the expert-dp group at ep 1, the ep group at ep = dp), and there are no ep groups at ep 1.
+One-rank groups stay where DeepSpeed needs a group (its mpu's model-parallel group at tp 1,
+ZeRO's dp group at dp 1, the expert-dp group at ep = dp); they are created by every rank like
+the others (`use_local_synchronization` would leave the member alone in a world-wide split).
 """
 
 from __future__ import annotations
@@ -122,23 +131,40 @@ def build_mesh(cfg: TrainConfig, world_size: int, rank: int) -> Mesh:
     return Mesh(world_size=world_size, rank=rank, dp=dp, tp=tp, ep=ep)
 
 
-def init_process_groups(mesh: Mesh) -> Mesh:
-    """The mesh with its groups; call on every rank after torch.distributed is initialised."""
+def init_process_groups(mesh: Mesh, timeout_minutes: float = 10.0) -> Mesh:
+    """The mesh with its groups; call on every rank after torch.distributed is initialised.
+    `timeout_minutes` is the config's parallel.timeout_minutes (that of the default group)."""
     if mesh.world_size == 1:
         return mesh
+    from datetime import timedelta
+
     import torch.distributed as dist
+
+    timeout = timedelta(minutes=timeout_minutes)
+    made: dict[tuple[int, ...], Any] = {}
+
+    def group_of(ranks: list[int]) -> Any:
+        key = tuple(ranks)
+        if key not in made:
+            if len(ranks) == mesh.world_size:
+                made[key] = dist.group.WORLD  # the default group: its timeout, no new split
+            else:  # collective over the world: every rank creates every one, in one order
+                made[key] = dist.new_group(ranks, timeout=timeout)
+        return made[key]
 
     mine: dict[str, Any] = {}
     for kind, groups in rank_groups(mesh.world_size, mesh.tp, mesh.ep).items():
+        if kind == "ep" and mesh.ep == 1:
+            continue  # no expert parallel: nothing exchanges tokens
         for ranks in groups:
-            g = dist.new_group(ranks)  # collective over the world: every rank creates every one
+            g = group_of(ranks)
             if mesh.rank in ranks:
                 mine[kind] = g
     return replace(
         mesh,
         tp_group=mine["tp"],
         dp_group=mine["dp"],
-        ep_group=mine["ep"],
+        ep_group=mine.get("ep"),
         expert_dp_group=mine["expert_dp"],
     )
 
