@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from mop.cli import ArgumentParser, examples
-from mop.config import load_config
+from mop.config import load_config, read_yaml
 from mop.errors import ConfigError, cli_entry
 from pretrain.model.config import ModelConfig
 
@@ -33,7 +33,33 @@ def experts_of(cfg: ModelConfig) -> str:
     return "-"
 
 
+def model_yaml_for(path: str) -> str:
+    """The model YAML to count for `path`: `path` itself when it is a model config, the file a
+    train config names in `model:` (what `python -m pretrain --config` would build); anything
+    else is one ConfigError line naming the file and what is expected."""
+    data = read_yaml(path)
+    if not data or set(data) & set(ModelConfig.model_fields):
+        return path  # a model config (its own validation names any unknown field)
+    model = data.get("model")
+    if isinstance(model, str):
+        from pretrain.config import resolve_path  # the trainer's lookup: cwd, then the repo
+
+        print(f"[model_info] {path} is a train config: counting its model {model}", file=sys.stderr)
+        return resolve_path(model)
+    found = ", ".join(sorted(map(str, data))[:6])
+    why = (
+        "its model: is not a file path"
+        if "model" in data
+        else f"it has none of a model config's fields (d_model, n_layers, ffn, ...), but {found}"
+    )
+    raise ConfigError(
+        f"{path} is not a model config: {why}; pass a model YAML (configs/model/*.yaml) or a "
+        "train config whose model: names one"
+    )
+
+
 def describe(path: str, overrides: list[str], seq_len: int | None, attention: str) -> dict:
+    path = model_yaml_for(path)
     cfg = load_config(ModelConfig, path, overrides)
     from pretrain.model.accounting import model_size  # imports torch: after the config is valid
 

@@ -683,6 +683,19 @@ CASES: list[Case] = [
     Case("info-bad-set", [*MI, TINY_MODEL, "--set", "d_modle=64"], "d_modle"),
     Case("info-set-no-equals", [*MI, TINY_MODEL, "--set", "d_model"], "d_model"),
     Case("info-bad-value", [*MI, TINY_MODEL, "--set", "n_heads=3"], "n_heads"),
+    Case(
+        "info-data-config",
+        [*MI, "configs/data/tiny.yaml"],
+        "configs/data/tiny.yaml is not a model config",
+        code=2,
+    ),
+    Case(
+        "info-train-config-model-missing",
+        [*MI, "{case}/t.yaml"],
+        "nope.yaml",
+        file_at("t.yaml", "model: nope.yaml\nmax_steps: 1\n"),
+        code=2,
+    ),
     # ---- pretrain.memorization
     Case(
         "memo-data-missing",
