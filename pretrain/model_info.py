@@ -2,6 +2,10 @@
 
 Columns: name, layers, d, experts, total params, active params per token, training FLOPs per
 token (formula in pretrain/model/accounting.py). `--json` prints one JSON object per config.
+A config is counted as the decoder LM (`python -m pretrain`: embeddings and LM head), or, with
+`--classifier` or when the YAML sets `input_dim`, as the sequence classifier that
+`python -m pretrain.memorization` builds from it (input projection and one-logit head instead):
+the numbers its results.json and the demo's verdict report.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from mop.cli import ArgumentParser, examples
 from mop.config import load_config, read_yaml
 from mop.errors import ConfigError, cli_entry
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ClassifierConfig, ModelConfig
 
 
 def human(n: float) -> str:
@@ -58,15 +62,19 @@ def model_yaml_for(path: str) -> str:
     )
 
 
-def describe(path: str, overrides: list[str], seq_len: int | None, attention: str) -> dict:
+def describe(
+    path: str, overrides: list[str], seq_len: int | None, attention: str, classifier: bool = False
+) -> dict:
     path = model_yaml_for(path)
-    cfg = load_config(ModelConfig, path, overrides)
+    classifier = classifier or "input_dim" in read_yaml(path)
+    cfg = load_config(ClassifierConfig if classifier else ModelConfig, path, overrides)
     from pretrain.model.accounting import model_size  # imports torch: after the config is valid
 
     size = model_size(cfg, seq_len=seq_len, attention=attention)
     return {
         "name": Path(path).stem,
         "path": str(path),
+        "counted_as": f"classifier (input_dim {cfg.input_dim})" if classifier else "LM",
         "ffn": cfg.ffn,
         "layers": cfg.n_layers,
         "d_model": cfg.d_model,
@@ -79,7 +87,7 @@ def describe(path: str, overrides: list[str], seq_len: int | None, attention: st
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("name", "layers", "d", "ffn", "experts", "total", "active", "FLOPs/token")
+    head = ("name", "layers", "d", "ffn", "experts", "total", "active", "FLOPs/token", "as")
     body = [
         (
             r["name"],
@@ -90,6 +98,7 @@ def format_table(rows: list[dict]) -> str:
             human(r["total_params"]),
             human(r["active_params"]),
             human(r["flops_per_token"]),
+            r["counted_as"],
         )
         for r in rows
     ]
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "python -m pretrain.model_info configs/model/*.yaml",
             "python -m pretrain.model_info configs/model/moe_d512_e8.yaml --seq-len 4096 --json",
             "python -m pretrain.model_info configs/model/dense_d512.yaml --set vocab_size=50304",
+            "python -m pretrain.model_info configs/model/synth12_dense_d256.yaml --classifier",
         ),
     )
     parser.add_argument("configs", nargs="+", help="model YAML files")
@@ -121,11 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         default="full",
         help="attention FLOPs counted over the full or the causal (half) score matrix",
     )
+    parser.add_argument(
+        "--classifier",
+        action="store_true",
+        help="count the sequence classifier pretrain.memorization builds (input_dim 32 unless "
+        "the YAML or --set input_dim=M says otherwise); automatic for a YAML with input_dim",
+    )
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 1:
         raise ConfigError(f"--seq-len must be >= 1, got {args.seq_len}")
-    rows = [describe(p, args.set, args.seq_len, args.attention) for p in args.configs]
+    rows = [
+        describe(p, args.set, args.seq_len, args.attention, args.classifier) for p in args.configs
+    ]
     if args.json:
         for r in rows:
             print(json.dumps(r))

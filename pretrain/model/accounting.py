@@ -8,6 +8,8 @@ Parameters
   norms                2*d per layer + d (final)
   FFN per layer        dense 3*d*f;  MoE d*E (router) + 3*E*d*f;  PEER/SoftMoE: their num_params
   embeddings           V*d, plus V*d for an untied lm_head
+                       (a ClassifierConfig, pretrain.memorization's sequence classifier over
+                       m-dim vectors: input projection m*d + d and one-logit head d + 1 instead)
   total                sum of the above
   active per token     total with each MoE layer counted as d*E + 3*k*d*f (k experts, not E);
                        PEER/SoftMoE: their active_params_per_token
@@ -28,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ClassifierConfig, ModelConfig
 from pretrain.model.mlp import SwiGLU
 from pretrain.model.moe import MoE
 
@@ -37,7 +39,7 @@ from pretrain.model.moe import MoE
 class ModelSize:
     total_params: int
     active_params: int  # per token
-    embedding_params: int  # embed (+ untied lm_head)
+    embedding_params: int  # embed (+ untied lm_head); a classifier's input projection + head
     flops_per_token: float  # training (fwd + bwd) FLOPs per token at seq_len
     seq_len: int
 
@@ -90,17 +92,23 @@ def model_size(
     seq_len: int | None = None,
     attention: Literal["full", "causal"] = "full",
 ) -> ModelSize:
-    """Total params, active params per token and training FLOPs per token (formula above)."""
+    """Total params, active params per token and training FLOPs per token (formula above), of
+    the decoder LM or, for a ClassifierConfig, of the sequence classifier (same blocks)."""
     t = seq_len if seq_len is not None else cfg.max_seq_len
     d, v, n_layers = cfg.d_model, cfg.vocab_size, cfg.n_layers
     attn = attention_params(cfg)
     ffn_total, ffn_active, ffn_fwd = ffn_accounting(cfg, t)
-    embedding = v * d * (1 if cfg.tie_embeddings else 2)
+    if isinstance(cfg, ClassifierConfig):  # input Linear(m, d) and head Linear(d, 1), biased
+        embedding = cfg.input_dim * d + d + d + 1
+        io_fwd = 2 * cfg.input_dim * d + 2 * d / t  # the head reads the last position only
+    else:
+        embedding = v * d * (1 if cfg.tie_embeddings else 2)
+        io_fwd = 2 * v * d
     per_layer_norms = 2 * d
     total = embedding + n_layers * (attn + per_layer_norms + ffn_total) + d
     active = total - n_layers * (ffn_total - ffn_active)
 
-    weight_fwd = n_layers * (2 * attn + ffn_fwd) + 2 * v * d
+    weight_fwd = n_layers * (2 * attn + ffn_fwd) + io_fwd
     keys_per_query = t if attention == "full" else (t + 1) / 2
     attn_fwd = n_layers * 2 * 2 * keys_per_query * cfg.num_heads * cfg.head_dim
     return ModelSize(

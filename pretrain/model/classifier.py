@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pretrain.model.accounting import attention_params, ffn_accounting
+from pretrain.model.accounting import model_size
 from pretrain.model.config import ClassifierConfig, ModelConfig  # noqa: F401 (re-export)
 from pretrain.model.norm import RMSNorm
 from pretrain.model.rotary import RotaryEmbedding
@@ -66,18 +66,10 @@ class SequenceClassifier(nn.Module):
 
 
 def classifier_size(cfg: ClassifierConfig) -> tuple[int, int]:
-    """(total params, active params per token) from the config alone.
-
-    The decoder's accounting minus its embeddings and LM head: input projection m*d + d,
-    per layer attention + 2 norms + FFN, final norm d, head d + 1.
-    """
-    d = cfg.d_model
-    ffn_total, ffn_active, _ = ffn_accounting(cfg, cfg.max_seq_len)
-    per_layer = attention_params(cfg) + 2 * d
-    fixed = cfg.input_dim * d + d + d + d + 1
-    total = fixed + cfg.n_layers * (per_layer + ffn_total)
-    active = fixed + cfg.n_layers * (per_layer + ffn_active)
-    return total, active
+    """(total params, active params per token) from the config alone: `model_size`'s count
+    of the classifier (what `python -m pretrain.model_info --classifier` prints too)."""
+    size = model_size(cfg)
+    return size.total_params, size.active_params
 
 
 def build_classifier(cfg: ClassifierConfig) -> SequenceClassifier:
