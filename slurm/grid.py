@@ -1,14 +1,15 @@
 """A grid of synthetic-task runs from one small YAML: expansion, naming, local runner, SLURM plan.
 
-    python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml --local
+    python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml --local [--jobs 2]
     python -m slurm.submit sweep --grid configs/reproduce/phonebook_gpu.yaml [--dry-run]
     python -m slurm.grid GRID --stage data|run|report [--index I]   # one SLURM array task
 
 The YAML (`GridConfig`) names a task (memorization | phonebook | shortest_path), the sizes
-(book sizes, training-set sizes or n), the models (a model YAML each, plus overrides), the
-seeds and the budget. Every (size, seed) gets one data directory, every (model, size, seed)
-one run directory; each run is the project's ordinary CLI, so the commands printed here are
-the ones a user would type:
+(book sizes, training-set sizes or n), the models (a model YAML each, plus overrides, and
+optionally the subset of sizes it runs: a phone book straddles each model's own capacity),
+the seeds and the budget. Every (size, seed) gets one data directory, every (model, size,
+seed) one run directory; each run is the project's ordinary CLI, so the commands printed
+here are the ones a user would type:
 
 - memorization: `python -m data_prep synthetic memorization` then `python -m pretrain.memorization`
   (it writes results.json itself);
@@ -20,19 +21,25 @@ A run counts as finished when a results.json under its run directory holds the t
 killed run is simply run again (training resumes from its own checkpoint). The data step is
 skipped when the directory's manifest.json (written last by the generator) exists.
 
-Locally, runs go one after the other with a progress line each, then `python -m eval.report`
-draws the figures. On SLURM: a data array (one task per data directory) -> the run array
+Locally, runs go one after the other (`--jobs N`: N at a time, each with
+OMP_NUM_THREADS=cores/N unless it is set) with a progress line each (wall time and the load
+average, appended to RUNS_DIR/timings.jsonl too), then `python -m eval.report` draws the
+figures. Runs are deterministic by seed, so N changes wall time, not results. On SLURM: a data array (one task per data directory) -> the run array
 (afterok) -> the report job (afterok), all through `slurm/grid.sbatch`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +72,7 @@ class GridModel(StrictModel):
     name: str = Field(min_length=1)
     config: str
     overrides: list[str] = Field(default_factory=list)
+    sizes: list[int] | None = None  # a subset of the grid's sizes; None: all of them
 
     @field_validator("name")
     @classmethod
@@ -113,6 +121,13 @@ class GridConfig(StrictModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be distinct, got {names}")
+        for m in self.models:
+            extra = sorted(set(m.sizes or []) - set(self.sizes))
+            if extra:
+                raise ValueError(f"model {m.name}: sizes {extra} are not in the grid's sizes")
+        unused = [s for s in self.sizes if not any(s in self.sizes_of(m) for m in self.models)]
+        if unused:
+            raise ValueError(f"sizes {unused} are run by no model")
         if isinstance(self.steps, dict):
             missing = [s for s in self.sizes if s not in self.steps]
             if missing:
@@ -123,6 +138,10 @@ class GridConfig(StrictModel):
 
     def steps_for(self, size: int) -> int:
         return self.steps[size] if isinstance(self.steps, dict) else self.steps
+
+    def sizes_of(self, model: GridModel) -> list[int]:
+        """The sizes `model` runs, in the grid's order."""
+        return [s for s in self.sizes if model.sizes is None or s in model.sizes]
 
 
 @dataclass
@@ -195,6 +214,8 @@ def expand(grid: GridConfig) -> list[Run]:
         for seed in grid.seeds:
             ddir = data_dir(grid, size, seed)
             for m in grid.models:
+                if size not in grid.sizes_of(m):
+                    continue
                 name = run_name(m.name, size, seed)
                 rdir = f"{grid.runs_dir.rstrip('/')}/runs/{name}"
                 run = Run(name, m.name, size, seed, ddir, rdir)
@@ -296,31 +317,91 @@ def _summary(grid: GridConfig, section: dict[str, Any]) -> str:
     return f"{METRIC[grid.task]} {value:.4f}" if isinstance(value, (int, float)) else "finished"
 
 
-def run_local(grid: GridConfig, report: bool = True, verbose: bool = False) -> dict[str, int]:
-    """Generate data, run every unfinished run one after the other, then the report."""
-    jobs, runs = data_jobs(grid), expand(grid)
-    for job in jobs:
+def _start_run(grid: GridConfig, run: Run, verbose: bool) -> tuple[float, float]:
+    """Run one grid run's CLI steps; returns (wall seconds, load average at the start)."""
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    for cmd in run.commands:
+        _exec(cmd, None if verbose else Path(run.run_dir + ".log"))
+    return time.perf_counter() - t0, load
+
+
+def _record_timing(grid: GridConfig, run: Run, secs: float, load0: float, jobs: int) -> None:
+    """Append one line to RUNS_DIR/timings.jsonl: how long the run took and under what load."""
+    rec = {
+        "run": run.name,
+        "seconds": round(secs, 1),
+        "load_start": round(load0, 2),
+        "load_end": round(os.getloadavg()[0], 2),
+        "jobs": jobs,
+        "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = Path(grid.runs_dir) / "timings.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def run_local(
+    grid: GridConfig, report: bool = True, verbose: bool = False, jobs: int = 1
+) -> dict[str, int]:
+    """Generate data, run every unfinished run (`jobs` at a time), then the report.
+
+    A failing run stops new ones from starting; those already running finish first (their
+    results are kept), then the first failure is raised.
+    """
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Each run is one process: share the cores instead of oversubscribing them.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    data, runs = data_jobs(grid), expand(grid)
+    for job in data:
         if not data_ready(job):
             print(f"[grid] data {job.out}: generating", flush=True)
             _exec(job.command, None if verbose else Path(job.out + ".log"))
     counts = {"ran": 0, "skipped": 0}
+    todo: list[tuple[str, Run]] = []
     for i, run in enumerate(runs, 1):
         head = f"[grid] {i}/{len(runs)} {run.name}"
         done = finished_result(grid, run)
         if done is not None:
             print(f"{head}: skipped, already finished ({_summary(grid, done)})", flush=True)
             counts["skipped"] += 1
-            continue
-        print(f"{head}: running (log {run.run_dir}.log)", flush=True)
-        t0 = time.perf_counter()
-        for cmd in run.commands:
-            _exec(cmd, None if verbose else Path(run.run_dir + ".log"))
-        done = finished_result(grid, run)
-        if done is None:
-            raise UserError(f"{run.name} finished but wrote no {SECTION[grid.task]} result")
-        secs = time.perf_counter() - t0
-        print(f"{head}: {_summary(grid, done)} in {secs:.0f}s", flush=True)
-        counts["ran"] += 1
+        else:
+            todo.append((head, run))
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict[Future, tuple[str, Run]] = {}
+        queue = list(reversed(todo))
+        while queue or running:
+            while queue and len(running) < jobs and failure is None:
+                head, run = queue.pop()
+                print(f"{head}: running (log {run.run_dir}.log)", flush=True)
+                running[pool.submit(_start_run, grid, run, verbose)] = (head, run)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                head, run = running.pop(fut)
+                try:
+                    secs, load0 = fut.result()
+                    done = finished_result(grid, run)
+                    if done is None:
+                        raise UserError(
+                            f"{run.name} finished but wrote no {SECTION[grid.task]} result"
+                        )
+                except BaseException as exc:  # noqa: BLE001 - re-raised once the others end
+                    failure = failure or exc
+                    continue
+                _record_timing(grid, run, secs, load0, jobs)
+                print(
+                    f"{head}: {_summary(grid, done)} in {secs:.0f}s (load {load0:.1f})",
+                    flush=True,
+                )
+                counts["ran"] += 1
+    if failure is not None:
+        raise failure
     if report:
         _exec(report_command(grid))
         print(f"[grid] report: {report_dir(grid)}/report.md", flush=True)
@@ -411,6 +492,8 @@ def sweep_grid(sub: Any, args: argparse.Namespace, conflicting: Any) -> None:
         raise UserError("--local needs --grid GRID")
     if conflicting:
         raise UserError("--grid takes no training config, --models, --eval or overrides")
+    if args.jobs != 1 and not args.local:
+        raise UserError("--jobs needs --local (on SLURM the run array runs in parallel)")
     grid = load_grid(args.grid)
     check_runs(grid)
     n_runs, n_data = len(expand(grid)), len(data_jobs(grid))
@@ -418,7 +501,7 @@ def sweep_grid(sub: Any, args: argparse.Namespace, conflicting: Any) -> None:
     if args.local and args.dry_run:
         print_plan(grid)
     elif args.local:
-        counts = run_local(grid)
+        counts = run_local(grid, jobs=args.jobs)
         print(f"[grid] {counts['ran']} run(s) trained, {counts['skipped']} skipped (finished)")
     else:
         submit_grid(sub, args.grid, grid)

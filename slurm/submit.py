@@ -9,7 +9,8 @@
         submitted; with --eval, an evaluation job per run once its training has finished
     python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml [--local]
         a grid of synthetic-task runs (slurm/grid.py): --local runs them here one by one
-        (a rerun skips finished runs); otherwise data array -> run array -> report job
+        (--jobs N: N at a time; a rerun skips finished runs); otherwise data array -> run
+        array -> report job
     python -m slurm.submit eval runs/moe_d512_e8 runs/dense_d512 [--suite all]
             [--eval-arg=--limit=500] [--after JOB]
         one evaluation job per run or checkpoint (slurm/eval.sbatch)
@@ -278,12 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
             "python -m slurm.submit sweep configs/train/paper_moe_d512_e8.yaml "
             "--models configs/model/moe_d512_e*.yaml --eval all",
             "python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml --local",
+            "python -m slurm.submit sweep --grid configs/reproduce/phonebook_cpu.yaml --local "
+            "--jobs 2",
         ),
     )
     s.add_argument("config", nargs="?", help="training recipe YAML (not with --grid)")
     s.add_argument("--models", nargs="+", help="model YAMLs, one training job each")
     s.add_argument("--grid", help="a grid YAML (configs/reproduce/*.yaml): see slurm/grid.py")
     s.add_argument("--local", action="store_true", help="with --grid: run here, one by one")
+    s.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --grid --local: N runs at a time (each OMP_NUM_THREADS=cores/N unless set)",
+    )
     s.add_argument("--after", action="append", default=[], help="job id to wait for (afterok)")
     s.add_argument(
         "--runs-dir",

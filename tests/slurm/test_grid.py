@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -293,4 +294,79 @@ def test_shipped_grids_load_and_validate(path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     grid = G.load_grid(path.relative_to(REPO))
     G.check_runs(grid)
-    assert len(G.expand(grid)) == len(grid.models) * len(grid.sizes) * len(grid.seeds)
+    per_seed = sum(len(grid.sizes_of(m)) for m in grid.models)
+    assert len(G.expand(grid)) == per_seed * len(grid.seeds) >= len(grid.models)
+
+
+def test_models_run_their_own_sizes(tmp_path: Path) -> None:
+    models = [{**MEM_MODELS[0], "sizes": [64]}, MEM_MODELS[1]]
+    grid = G.load_grid(_write_grid(tmp_path / "g.yaml", models=models, seeds=[0]))
+    assert [r.name for r in G.expand(grid)] == [
+        "dense_f32-n64-s0",
+        "moe_e16_f16-n64-s0",
+        "moe_e16_f16-n128-s0",
+    ]
+    bad = [{**MEM_MODELS[0], "sizes": [64, 256]}, MEM_MODELS[1]]
+    with pytest.raises(UserError, match=r"dense_f32: sizes \[256\] are not in the grid's sizes"):
+        G.load_grid(_write_grid(tmp_path / "bad.yaml", models=bad))
+    unused = [{**m, "sizes": [64]} for m in MEM_MODELS]
+    with pytest.raises(UserError, match=r"sizes \[128\] are run by no model"):
+        G.load_grid(_write_grid(tmp_path / "unused.yaml", models=unused))
+
+
+def _fake_parallel_exec(grid: G.GridConfig, live: list[int], peak: list[int], fail: str = ""):
+    """An _exec stand-in: data dirs appear, each run takes 0.3 s and counts how many overlap."""
+    import threading
+
+    by_name = {r.name: r for r in G.expand(grid)}
+    lock = threading.Lock()
+
+    def fake(cmd: list[str], log: Path | None = None) -> None:
+        if cmd[2] == "data_prep":
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "manifest.json").write_text("{}")
+            return
+        if cmd[2] != "pretrain.memorization":
+            return
+        run = by_name[Path(cmd[cmd.index("--out") + 1]).name]
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.3)
+        with lock:
+            live[0] -= 1
+        if run.name == fail:
+            raise UserError(f"step failed with exit 1: {run.name}")
+        _finish(grid, run, 0.5)
+
+    return fake
+
+
+def test_jobs_runs_n_at_a_time_and_a_rerun_skips(tmp_path: Path, monkeypatch, capsys) -> None:
+    grid = G.load_grid(_write_grid(tmp_path / "g.yaml"))  # 8 runs
+    live, peak = [0], [0]
+    monkeypatch.setattr(G, "_exec", _fake_parallel_exec(grid, live, peak))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    t0 = time.perf_counter()
+    assert G.run_local(grid, report=False, jobs=2) == {"ran": 8, "skipped": 0}
+    assert peak[0] == 2 and time.perf_counter() - t0 < 8 * 0.3  # two at a time, never three
+    assert os.environ["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    out = capsys.readouterr().out
+    assert out.count(": accuracy 0.5000 in ") == 8 and "(load " in out
+    timings = (Path(grid.runs_dir) / "timings.jsonl").read_text().splitlines()
+    assert len(timings) == 8 and all('"jobs": 2' in t and '"load_start"' in t for t in timings)
+    assert G.run_local(grid, report=False, jobs=2) == {"ran": 0, "skipped": 8}
+
+
+def test_jobs_a_failure_lets_running_runs_finish_then_stops(tmp_path, monkeypatch) -> None:
+    grid = G.load_grid(_write_grid(tmp_path / "g.yaml"))
+    names = [r.name for r in G.expand(grid)]
+    live, peak = [0], [0]
+    monkeypatch.setattr(G, "_exec", _fake_parallel_exec(grid, live, peak, fail=names[0]))
+    with pytest.raises(UserError, match=names[0]):
+        G.run_local(grid, report=False, jobs=2)
+    finished = [n for n in names if G.finished_result(grid, G.expand(grid)[names.index(n)])]
+    assert finished == [names[1]]  # the run beside the failing one finished; none started after
+    with pytest.raises(UserError, match="--jobs must be >= 1"):
+        G.run_local(grid, jobs=0)
