@@ -9,6 +9,12 @@ Measured side by side in one run:
   reads     random-access reads from the shard store: random documents and random
             2049-token windows per second (memory-mapped, zero-copy)
 The ratio pipeline/raw is printed and written to JSON with the machine's core count.
+
+On a shared machine other jobs take cores at random moments, so each pass records its wall
+time, the CPU seconds the process used (all threads) and the 1-minute load average; the JSON
+holds the best of each (the headline ratio), the ratio of every adjacent raw/pipeline pair
+(median and spread) and the CPU-time ratio, which other jobs disturb much less than the wall
+time. A CPU ratio near 1 with a low wall ratio means cores sat idle in the pipeline.
 """
 
 from __future__ import annotations
@@ -73,27 +79,36 @@ def main() -> int:
         tok = train_bpe(texts[:2000], args.vocab)
         tok.save(cfg.output_dir)
 
-        def raw_pass() -> tuple[int, float]:
+        def raw_pass() -> int:
             # raw tokenizer, same batch size, all cores (tokenizers' own thread pool)
-            t0 = time.perf_counter()
             n = 0
             for i in range(0, len(texts), 1024):
                 n += sum(len(ids) + 1 for ids in tok.encode_batch(texts[i : i + 1024]))
-            return n, time.perf_counter() - t0
+            return n
 
-        # Interleaved repeats, best of each: on a shared machine a burst of other load
-        # during one pass would otherwise decide the ratio.
-        raw_times, pipe_times = [], []
+        def timed(fn) -> tuple[object, dict]:
+            load = os.getloadavg()[0]
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            return out, {"wall_s": wall, "cpu_s": cpu, "load_1min": load}
+
+        # Interleaved repeats: on a shared machine a burst of other load during one pass
+        # would otherwise decide the ratio.
+        raw_passes, pipe_passes = [], []
         for rep in range(args.repeats):
-            n_raw, t_raw = raw_pass()
-            raw_times.append(t_raw)
+            n_raw, t = timed(raw_pass)
+            raw_passes.append(t)
             rep_cfg = cfg.model_copy(update={"output_dir": str(work / f"out{rep}")})
             tok.save(rep_cfg.output_dir)
-            t0 = time.perf_counter()
-            summary = run_tokenize_task(rep_cfg)
-            pipe_times.append(time.perf_counter() - t0)
+            summary, t = timed(lambda c=rep_cfg: run_tokenize_task(c))
+            pipe_passes.append(t)
             assert summary["tokens"] == n_raw, (summary["tokens"], n_raw)
+        raw_times = [p["wall_s"] for p in raw_passes]
+        pipe_times = [p["wall_s"] for p in pipe_passes]
         raw_s, pipe_s = min(raw_times), min(pipe_times)
+        pair_ratios = [r / q for r, q in zip(raw_times, pipe_times)]
+        cpu_ratios = [r["cpu_s"] / q["cpu_s"] for r, q in zip(raw_passes, pipe_passes)]
         cfg = rep_cfg
 
         from data_prep.merge import merge
@@ -126,9 +141,16 @@ def main() -> int:
             "raw_tokens_per_s": n_raw / raw_s,
             "pipeline_tokens_per_s": n_raw / pipe_s,
             "pipeline_over_raw": raw_s / pipe_s,
+            "pair_ratio_median": float(np.median(pair_ratios)),
+            "pair_ratio_min": min(pair_ratios),
+            "pair_ratio_max": max(pair_ratios),
+            "cpu_ratio_median": float(np.median(cpu_ratios)),
+            "load_1min": [p["load_1min"] for p in raw_passes + pipe_passes],
             "repeats": args.repeats,
             "raw_seconds": raw_times,
             "pipeline_seconds": pipe_times,
+            "raw_passes": raw_passes,
+            "pipeline_passes": pipe_passes,
             "random_document_reads_per_s": args.reads / doc_s,
             "random_2049_window_reads_per_s": args.reads / win_s,
         }
@@ -140,10 +162,16 @@ def main() -> int:
             "raw_tokens_per_s",
             "pipeline_tokens_per_s",
             "pipeline_over_raw",
+            "pair_ratio_median",
+            "pair_ratio_min",
+            "pair_ratio_max",
+            "cpu_ratio_median",
             "random_document_reads_per_s",
             "random_2049_window_reads_per_s",
         ):
             print(f"{key:<34}{result[key]:>16,.2f}")
+        loads = result["load_1min"]
+        print(f"load average (1 min) during the passes: {min(loads):.1f}-{max(loads):.1f}")
         print(f"(written to {args.out})")
     finally:
         shutil.rmtree(work, ignore_errors=True)

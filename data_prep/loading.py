@@ -340,12 +340,13 @@ def classify_row(spec: SourceSpec, row: dict[str, Any], row_index: int) -> Docum
         return SkippedRow(f"malformed row ({type(exc).__name__})", row_index)
     if not isinstance(text, str):
         return SkippedRow("undecodable text", row_index)
-    if not text.strip():
+    if not text or text.isspace():  # as `not text.strip()`, without copying the text
         return SkippedRow("empty text", row_index)
-    try:
-        text.encode("utf-8")  # lone surrogates cannot reach a tokenizer or a utf-8 file
-    except UnicodeEncodeError:
-        return SkippedRow("undecodable text", row_index)
+    if not text.isascii():  # ASCII (most rows) has no surrogates: skip the utf-8 copy
+        try:
+            text.encode("utf-8")  # lone surrogates cannot reach a tokenizer or a utf-8 file
+        except UnicodeEncodeError:
+            return SkippedRow("undecodable text", row_index)
     return Document(text, row_index)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -83,6 +84,28 @@ def _new_state(source: SourceConfig, unit: int, fingerprint: str, tok: TextToken
 def _batched(items: Iterator, size: int) -> Iterator[list]:
     while batch := list(islice(items, size)):
         yield batch
+
+
+def encoded_batches(
+    items: Iterator, size: int, tok: TextTokenizer
+) -> Iterator[tuple[list, list[list[int]]]]:
+    """(batch of items, token ids of its documents), in input order.
+
+    The tokenizer encodes one batch on a thread while the caller packs the previous one and
+    this generator reads the next: reading, rendering and packing are Python work that would
+    otherwise leave the cores idle between encode calls (the tokenizer releases the GIL).
+    Which rows land in which shard does not depend on timing: the bytes are the same.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        ahead = None
+        for batch in _batched(items, size):
+            texts = [it.text for it in batch if isinstance(it, Document)]
+            future = pool.submit(tok.encode_batch, texts) if texts else None
+            if ahead is not None:
+                yield ahead[0], ahead[1].result() if ahead[1] is not None else []
+            ahead = (batch, future)
+        if ahead is not None:
+            yield ahead[0], ahead[1].result() if ahead[1] is not None else []
 
 
 def tokenize_unit(
@@ -176,9 +199,8 @@ def tokenize_unit(
             pending_tokens[split] = 0
 
     try:
-        for batch in _batched(items, cfg.shards.encode_batch_documents):
-            docs = [it for it in batch if isinstance(it, Document)]
-            encoded = iter(tok.encode_batch([d.text for d in docs])) if docs else iter(())
+        for batch, ids_of_docs in encoded_batches(items, cfg.shards.encode_batch_documents, tok):
+            encoded = iter(ids_of_docs)
             batch_tokens = 0
             for item in batch:
                 last_row = item.row
@@ -201,7 +223,7 @@ def tokenize_unit(
                     checkpoint(item.row + 1, complete=False)
             flush()
             if on_progress is not None:
-                on_progress(len(docs), batch_tokens)
+                on_progress(len(ids_of_docs), batch_tokens)
         checkpoint(last_row + 1, complete=True)
     except BaseException:
         for writer in writers.values():
