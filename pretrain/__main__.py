@@ -41,7 +41,7 @@ Override any config field: dotted key=value after the options (values are YAML),
   optim.lr=3e-4 batch.micro_batch=8 model=configs/model/moe_d512_e8.yaml model.vocab_size=64
   (`model=` takes a model YAML; later model.* overrides apply on top of it).
 Outputs go to run_dir: config.yaml (the resolved config), metrics.jsonl, checkpoints/
-(or checkpoint.dir), wandb/ (offline unless logging.wandb_mode=online).
+(or checkpoint.dir), wandb/ (mode: logging.wandb_mode, else $WANDB_MODE, else offline).
 Resume: run the same command again. With checkpoint.resume=auto (the default) a run continues
 from the latest complete checkpoint in its checkpoint directory, also on another number of
 GPUs; checkpoint.resume=never starts fresh. Exit codes: 0 done, 75 stopped by a signal after

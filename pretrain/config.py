@@ -11,6 +11,7 @@ Sizes that depend on the world size (data-parallel degree, global batch) are der
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -106,8 +107,15 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # validation sequences per rank per forward
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+# wandb's other spellings of WANDB_MODE
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
 class LoggingConfig(StrictModel):
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    # Unset: WANDB_MODE from the environment, else offline (wandb's convention: the variable
+    # decides unless the config sets the mode). Resolved here, so the saved config says which.
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(None, validate_default=True)
     project: str = "mixture-of-parrots"
     run_name: str | None = None
     log_interval: int = Field(10, ge=1)
@@ -117,6 +125,22 @@ class LoggingConfig(StrictModel):
     # Expert load per data source on log steps (MoE): counted from the step's own routing
     # over every micro-batch and data-parallel rank, so it costs no extra forward.
     expert_load_by_source: bool = True
+
+    @field_validator("wandb_mode", mode="before")
+    @classmethod
+    def _wandb_mode_from_environment(cls, v: object) -> object:
+        if v is not None:
+            return v
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if not env:
+            return "offline"
+        mode = WANDB_MODE_ALIASES.get(env, env)
+        if mode not in WANDB_MODES:
+            raise ValueError(
+                f"WANDB_MODE={os.environ['WANDB_MODE']!r} in the environment: use "
+                f"{', '.join(WANDB_MODES)} (or set logging.wandb_mode)"
+            )
+        return mode
 
 
 class ParallelConfig(StrictModel):
@@ -148,7 +172,7 @@ class TrainConfig(StrictModel):
     compile: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
-    logging: LoggingConfig = LoggingConfig()
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)  # reads WANDB_MODE at load
     max_steps: int = Field(ge=1)
     stop_on_plateau: PlateauConfig | None = None  # None: train to max_steps
     max_nonfinite_in_a_row: int = Field(5, ge=1)

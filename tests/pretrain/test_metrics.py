@@ -42,3 +42,50 @@ def test_expert_load_from_counts_by_hand():
 def test_mfu():
     assert mfu(6e9, 1000.0, 2, 989.0) == pytest.approx(6e12 / (2 * 989e12))
     assert mfu(6e9, 1000.0, 2, None) is None
+
+
+@pytest.mark.parametrize(
+    "env,explicit,want",
+    [
+        (None, None, "offline"),  # neither: offline
+        ("disabled", None, "disabled"),  # the environment decides when the config is silent
+        ("dryrun", None, "offline"),  # wandb's other spellings
+        ("ONLINE", None, "online"),
+        ("disabled", "offline", "offline"),  # a mode the config sets wins
+        ("online", "disabled", "disabled"),
+    ],
+)
+def test_wandb_mode_follows_WANDB_MODE_unless_the_config_sets_it(monkeypatch, env, explicit, want):
+    from mop.config import load_config
+    from pretrain.config import TrainConfig
+    from tests.pretrain.conftest import REPO
+
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    over = [f"logging.wandb_mode={explicit}"] if explicit else []
+    cfg = load_config(TrainConfig, REPO / "configs/train/tiny_cpu.yaml", over)
+    assert cfg.logging.wandb_mode == want
+
+
+def test_wandb_disabled_in_the_environment_writes_no_wandb_files(monkeypatch, tmp_path):
+    """WANDB_MODE=disabled with a recipe that leaves the mode unset: metrics.jsonl only; a
+    value wandb does not know is one error line naming the variable."""
+    from mop.config import load_config
+    from mop.errors import ConfigError
+    from pretrain.config import TrainConfig
+    from pretrain.metrics import MetricsLogger
+    from tests.pretrain.conftest import REPO
+
+    recipe = REPO / "configs/train/tiny_cpu.yaml"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = load_config(TrainConfig, recipe)
+    logger = MetricsLogger(tmp_path / "run", cfg.logging, {}, rank=0, resume_step=None)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert (tmp_path / "run/metrics.jsonl").is_file()
+    assert not (tmp_path / "run/wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes' in the environment"):
+        load_config(TrainConfig, recipe)
