@@ -43,8 +43,10 @@ from pretrain.checkpoint import (
     is_tag,
     optim_partition_files,
     read_pointer,
+    saved_layout,
     step_of,
 )
+from pretrain.checkpoint_dcp import DCP_DIR, STATE_FILE
 from pretrain.config import REPO_ROOT, TrainConfig
 from pretrain.model.accounting import model_size
 from pretrain.model.config import ModelConfig
@@ -178,9 +180,17 @@ def _read_by_eval(name: str) -> bool:
     return not name.endswith("optim_states.pt")
 
 
+def _layout_free(step_dir: Path) -> bool:
+    """A format-2 save (pretrain/checkpoint_dcp.py): the masters of any layout, via DCP."""
+    return (step_dir / DCP_DIR).is_dir()
+
+
 def _check_files(step_dir: Path) -> None:
     if not step_dir.is_dir():
         raise DamagedStateError(f"checkpoint {step_dir} does not exist (the pointer names it)")
+    if _layout_free(step_dir):
+        check_save(step_dir)  # the masters share their files with the moments: all checked
+        return
     zero3 = not (step_dir / MODEL_STATES).is_file()
     if not check_save(step_dir, checksum=None if zero3 else _read_by_eval):
         print(
@@ -203,6 +213,13 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read_states(step_dir: Path) -> tuple[dict[str, Any], bool]:
+    """The save's client state (with `mop`: config, tokenizer hash) and whether it is ZeRO 3."""
+    if _layout_free(step_dir):
+        f = step_dir / STATE_FILE
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False)["client"], False
+        except Exception as exc:  # a truncated file raises zipfile/pickle errors of many kinds
+            raise DataError(f"cannot read {f} (half-written or corrupted?): {exc}") from None
     zero3 = not (step_dir / MODEL_STATES).is_file()
     f = step_dir / (ZERO3_STATES if zero3 else MODEL_STATES)
     try:
@@ -296,7 +313,12 @@ def deepspeed_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full single-process state dict of one save of any layout: ZeRO-3 partitions
     gathered, tensor-parallel shards merged, expert-parallel shards concatenated. `states` is
-    the save's model-states file (`_read_states`), `model` a plain model of its config."""
+    the save's model-states file (`_read_states`), `model` a plain model of its config.
+    A format-2 save holds the masters of the plain model whatever the layout: read directly."""
+    if _layout_free(step_dir):
+        from pretrain.checkpoint_dcp import read_plain_weights
+
+        return read_plain_weights(step_dir, model, saved_layout(step_dir).get("precision", "fp32"))
     if not (step_dir / MODEL_STATES).is_file():
         state = _zero3_state_dict(step_dir, int(states.get("dp_world_size", 1)))
     elif (step_dir / "mp_rank_01_model_states.pt").is_file():
@@ -312,7 +334,12 @@ def deepspeed_state_dict(
 
         # DeepSpeed's module files hold rank 0's experts only (concatenated over tp by the
         # merge above, as if sharded): every expert tensor is replaced by the shard files'.
-        state = {**_strip(state), **merge_expert_shards(step_dir)}
+        state = {
+            **_strip(state),
+            **merge_expert_shards(
+                step_dir, {"ep": cfg.parallel.expert_parallel, **saved_layout(step_dir)}
+            ),
+        }
     return state
 
 

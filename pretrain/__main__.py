@@ -209,7 +209,7 @@ def train(
         LoggingCallback(logger, cfg, flops_per_token(cfg)),
         EvalCallback(logger, cfg),
         console,
-        CheckpointCallback(cfg),  # last: a save sees the step's logging and eval done
+        CheckpointCallback(cfg, logger),  # last: a save sees the step's logging and eval done
     ]
     if cfg.stop_on_plateau is not None:  # before CheckpointCallback: its stop step is saved
         from pretrain.plateau import PlateauStop, steps_per_pass
@@ -229,6 +229,7 @@ def train(
         print("[train] document packing: one document per sample at position 0", flush=True)
     try:
         code = trainer.fit()
+        trainer.report_checkpoints(wait=True)  # a background save completes before exit
     finally:
         logger.close()
     console.summary(trainer, code)

@@ -1,11 +1,13 @@
 """What one save wrote: file names, sizes and checksums (`integrity.json`), and the check.
 
-A save's files come from every rank (DeepSpeed's model and ZeRO partition files, rng and expert
-shard files). Once all of them are on disk (a barrier), each rank checksums its share of the
-save directory's files and writes a part record; after a second barrier rank 0 merges the parts
-into `integrity.json`, and only then moves the `latest_complete` pointer (pretrain/checkpoint.py).
-So a pointed-at save with a record has every file it had when it was complete, and a check
-finds a file that went missing, was cut short, or had bytes changed since.
+A save's files come from every rank. Each rank checksums the files IT wrote (`entries`), once
+they are on disk; the entries travel to rank 0 over the process group (pretrain/checkpoint.py
+gathers them), never through the file system, so a node-local or stale directory view cannot
+drop or hide a file: rank 0 writes `integrity.json` from what every rank reported, and only
+then moves the `latest_complete` pointer. A recorded file rank 0 cannot see itself means the
+directory is not shared (`unseen`): said in one line at save time. So a pointed-at save with
+a record has every file it had when it was complete, and a check finds a file that went
+missing, was cut short, or had bytes changed since.
 
 The checksum is CRC-32 (zlib), not a cryptographic hash: it guards against accidents
 (truncation, bit rot, a copy cut short, a stray write), not tampering, and it is the cheapest
@@ -25,7 +27,6 @@ from pathlib import Path
 from mop.fileio import atomic_write_json
 
 RECORD = "integrity.json"
-_PART = ".integrity_rank{}.json"  # one rank's share, merged into RECORD by rank 0
 FORMAT = 1
 _CHUNK = 1 << 22
 
@@ -39,8 +40,9 @@ def crc32_file(path: str | Path) -> str:
 
 
 def saved_files(tag_dir: Path) -> dict[str, int]:
-    """Name (relative, '/'-separated) -> size of every file of a save, without the record
-    and its parts and without hidden temporary files (atomic writes in flight)."""
+    """Name (relative, '/'-separated) -> size of every file of a save in THIS process's view,
+    without the record and without hidden temporary files (atomic writes in flight; DCP's
+    `.metadata` is named by the rank that wrote it, not found by listing)."""
     out = {}
     for p in sorted(tag_dir.rglob("*")):
         rel = p.relative_to(tag_dir).as_posix()
@@ -62,23 +64,39 @@ def shares(sizes: dict[str, int], world: int) -> list[list[str]]:
     return out
 
 
-def write_part(tag_dir: Path, rank: int, world: int) -> None:
-    """This rank's share of the record (after every rank's files are on disk)."""
-    sizes = saved_files(tag_dir)
-    mine = shares(sizes, world)[rank]
-    entries = {n: {"size": sizes[n], "crc32": crc32_file(tag_dir / n)} for n in mine}
-    atomic_write_json(tag_dir / _PART.format(rank), entries)
+def entries(tag_dir: Path, names) -> dict[str, dict]:
+    """Size and checksum of the named files (each rank: the files it wrote itself)."""
+    return {
+        n: {"size": (tag_dir / n).stat().st_size, "crc32": crc32_file(tag_dir / n)}
+        for n in sorted(set(names))
+    }
 
 
-def merge_parts(tag_dir: Path, world: int) -> None:
-    """Rank 0, after every rank wrote its part: one record, then the parts go."""
-    files: dict[str, dict] = {}
-    parts = [tag_dir / _PART.format(r) for r in range(world)]
-    for part in parts:
-        files.update(json.loads(part.read_text(encoding="utf-8")))
-    atomic_write_json(tag_dir / RECORD, {"format": FORMAT, "checksum": "crc32", "files": files})
-    for part in parts:
-        part.unlink()
+def unseen(tag_dir: Path, files: dict[str, dict]) -> list[str]:
+    """Recorded files this process cannot see: the save directory is not one shared view
+    (a node-local checkpoint.dir) when another rank's files are missing here."""
+    return [n for n in sorted(files) if not (tag_dir / n).is_file()]
+
+
+def write_record(tag_dir: Path, files: dict[str, dict], shared: bool = True) -> None:
+    """The record of a complete save (rank 0, once every rank's entries are in `files`);
+    `shared`: whether rank 0 saw every rank's files (False: a node-local directory)."""
+    atomic_write_json(
+        tag_dir / RECORD, {"format": FORMAT, "checksum": "crc32", "shared": shared, "files": files}
+    )
+
+
+def saved_unshared(tag_dir: Path) -> bool:
+    """Whether the save was written into a directory not shared by all its ranks."""
+    try:
+        return json.loads((tag_dir / RECORD).read_text(encoding="utf-8")).get("shared") is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def record_all(tag_dir: Path) -> None:
+    """One process: record every file of the save directory (tools and tests)."""
+    write_record(tag_dir, entries(tag_dir, saved_files(tag_dir)))
 
 
 def has_record(tag_dir: Path) -> bool:

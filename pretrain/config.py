@@ -82,6 +82,9 @@ class CheckpointConfig(StrictModel):
     interval: int = Field(1000, ge=1)  # steps between saves (plus one at the end / preemption)
     keep_last: int = Field(2, ge=1)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete save
+    # Write ZeRO 1/2 saves in the background: the loop waits only for the copy of the state
+    # to host memory (pretrain/checkpoint.py); ZeRO 0/3 saves are always synchronous.
+    async_save: bool = True
 
 
 class PlateauConfig(StrictModel):

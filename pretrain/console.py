@@ -212,10 +212,7 @@ class Console:
         if cfg.logging.peak_tflops is None:
             self.line("MFU: not shown; set logging.peak_tflops to the device's peak TFLOP/s")
         if resumed:
-            self.line(
-                f"resumed from {resumed} (step {st.step}, {human(st.tokens)} tokens seen); "
-                f"{max(cfg.max_steps - st.step, 0):,} steps to go"
-            )
+            self.line(resume_line(trainer, resumed, human(st.tokens)))
         else:
             self.line("fresh start")
 
@@ -246,7 +243,16 @@ class Console:
         if not self.active:
             return
         self.last_checkpoint = str(path)
-        self.line(f"checkpoint {tag} saved in {seconds:.1f}s ({fmt_bytes(dir_bytes(path))})")
+        done = getattr(trainer, "last_save", None)
+        waited = (
+            f", {done.waited_s:.1f}s of it waiting for the previous save"
+            if (done is not None and done.waited_s >= 0.05)
+            else ""
+        )
+        blocked = "" if done is None else f", loop blocked {done.blocking_s:.2f}s{waited}"
+        self.line(
+            f"checkpoint {tag} saved in {seconds:.1f}s ({fmt_bytes(dir_bytes(path))}{blocked})"
+        )
 
     def on_metrics(self, step: int, values: dict[str, Any]) -> None:
         """MetricsLogger listener: a step line for a training record, an eval line for a
@@ -316,3 +322,18 @@ class Console:
         if self.last_checkpoint:
             outputs += f", last checkpoint {self.last_checkpoint}"
         self.line(outputs)
+
+
+def resume_line(trainer, tag: str, tokens: str) -> str:
+    """`resumed from step_X (...)`: with the layout it was saved in when that differs."""
+    st, cfg = trainer.state, trainer.cfg
+    togo = f"{max(cfg.max_steps - st.step, 0):,} steps to go"
+    loaded = getattr(trainer, "resumed", None)
+    if loaded is None or not loaded.layout_changed:
+        return f"resumed from {tag} (step {st.step}, {tokens} tokens seen); {togo}"
+    from pretrain.checkpoint import describe
+
+    return (
+        f"resumed from {tag} (saved with {describe(loaded.saved)}; now {describe(loaded.now)}): "
+        f"step {st.step}, {tokens} tokens seen, state resharded in {loaded.seconds:.1f}s; {togo}"
+    )

@@ -56,11 +56,21 @@ INTERNALS: tuple[tuple[str, str], ...] = (
         "_lazy_init_hp_params_optimizer_state",
     ),
     ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "update_lp_params"),
+    # ZeRO 1/2: where each parameter's fp32 master and Adam moments sit in this rank's
+    # partition (set on every lp parameter by mixed_precision_linkage.link_hp_params)
+    ("deepspeed.utils.mixed_precision_linkage", "link_hp_params"),
+    ("deepspeed.utils.tensor_fragment.tensor_fragment", "lp_fragment_address"),
+    ("deepspeed.utils.tensor_fragment.tensor_fragment", "get_hp_fragment"),
+    ("deepspeed.utils.tensor_fragment.tensor_fragment", "get_optim_state_fragment"),
     # the engine: stage-0 grad norm, skipped steps, model-parallel size
     ("deepspeed.runtime.engine.DeepSpeedEngine", "clip_fp32_gradients"),
     ("deepspeed.runtime.engine.DeepSpeedEngine", "_global_grad_norm"),
     ("deepspeed.runtime.engine.DeepSpeedEngine", "skipped_steps"),
     ("deepspeed.runtime.engine.DeepSpeedEngine", "mp_world_size"),
+    ("deepspeed.runtime.engine.DeepSpeedEngine", "global_steps"),
+    ("deepspeed.runtime.engine.DeepSpeedEngine", "global_samples"),
+    # the engine-format save (ZeRO 0/3): the files each rank writes go through this object
+    ("deepspeed.runtime.engine.DeepSpeedEngine", "checkpoint_engine"),
     ("deepspeed.runtime.utils", "clip_grad_norm_"),
 )
 
@@ -181,22 +191,108 @@ def model_parallel_size(engine) -> int:
     return int(engine.mp_world_size)
 
 
-def init_zero_adam_state(engine, steps: list, saved_groups: list[dict[str, Any]]) -> None:
-    """Before a resharded resume writes the full optimizer state: give the ZeRO 1/2 inner AdamW
-    each group's saved hyperparameters and step, create its (lazily built) moment buffers, and
-    let ZeRO link each parameter's fragment of them (as its own first step would)."""
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def step_for_group(step: Any, group: dict[str, Any], param: torch.Tensor) -> Any:
+    """Adam's `step` where torch's own `Optimizer.load_state_dict` puts it: on the parameter's
+    device as float32 for fused and capturable groups (their kernels read it on the device:
+    a host tensor there is an illegal memory access on CUDA), unchanged otherwise."""
+    if not torch.is_tensor(step):
+        step = torch.tensor(float(step), dtype=torch.float32)
+    if group.get("fused") or group.get("capturable"):
+        return step.to(dtype=torch.float32, device=param.device)
+    return step.clone()
+
+
+def init_zero_adam_state(engine, steps: list, saved_groups: list[dict[str, Any]] | None) -> None:
+    """Before a resharded resume writes the optimizer state: give the ZeRO 1/2 inner AdamW
+    each group's step (and, from a DeepSpeed-format save, its saved hyperparameters), create
+    its (lazily built) moment buffers, and let ZeRO link each parameter's fragment of them (as
+    its own first step would). `steps`: one per inner group."""
     zero = engine.optimizer
     opt = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
-    for group, step, saved in zip(opt.param_groups, steps, saved_groups):
-        # lr (set by the schedule after each step), betas, weight decay as saved.
-        group.update({k: v for k, v in saved.items() if k != "params"})
+    for i, (group, step) in enumerate(zip(opt.param_groups, steps, strict=True)):
+        if saved_groups is not None:  # lr (set by the schedule), betas, weight decay as saved
+            group.update({k: v for k, v in saved_groups[i].items() if k != "params"})
         for flat in group["params"]:
             st = opt.state[flat]
-            st["step"] = step.clone() if torch.is_tensor(step) else step
-            st.setdefault("exp_avg", torch.zeros_like(flat))
-            st.setdefault("exp_avg_sq", torch.zeros_like(flat))
+            st["step"] = step_for_group(step, group, flat)
+            for key in ADAM_STATE_KEYS:
+                st.setdefault(key, torch.zeros_like(flat))
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
+
+
+def zero_adam_steps(engine) -> list[float]:
+    """The Adam step of each inner optimizer group (0 before the first update)."""
+    opt = engine.optimizer.optimizer
+    out = []
+    for group in opt.param_groups:
+        step = opt.state[group["params"][0]].get("step", 0) if group["params"] else 0
+        out.append(float(step))
+    return out
+
+
+def zero_fragments(engine) -> list[tuple[str, torch.Tensor, int, int, dict[str, torch.Tensor]]]:
+    """This rank's ZeRO 1/2 share of every trainable parameter: (name, parameter, start,
+    numel, {"fp32" | "exp_avg" | "exp_avg_sq": 1-D view}) where start/numel locate the share
+    in the flattened (tensor/expert-parallel local) parameter and the views are the fp32
+    master's and the Adam moments' elements in this rank's flat partition (writing into a
+    view writes the optimizer state). Parameters with no elements on this rank are left out.
+    Before the first update (a save of step 0) the moments are created as zeros with step 0,
+    which is what AdamW's own first step would start from."""
+    opt = engine.optimizer.optimizer
+    if any(not opt.state[flat] for g in opt.param_groups for flat in g["params"]):
+        init_zero_adam_state(engine, [0] * len(opt.param_groups), None)
+    if not engine.optimizer._hp_optimizer_states_linked:
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    out = []
+    for name, p in engine.module.named_parameters():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        address = mapping.lp_fragment_address
+        views = {"fp32": mapping.get_hp_fragment()}
+        for key in ADAM_STATE_KEYS:
+            views[key] = mapping.get_optim_state_fragment(key)
+        out.append((name, p, int(address.start), int(address.numel), views))
+    return out
+
+
+def engine_counters(engine) -> dict[str, int]:
+    """The engine's own step counters (DeepSpeed restores them from its checkpoint files)."""
+    return {
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(engine.skipped_steps),
+    }
+
+
+def set_engine_counters(engine, counters: dict[str, int]) -> None:
+    engine.global_steps = int(counters["global_steps"])
+    engine.global_samples = int(counters["global_samples"])
+    engine.skipped_steps = int(counters["skipped_steps"])
+
+
+def record_engine_writes(engine) -> list[str]:
+    """Paths the engine's next `save_checkpoint` writes on this rank, filled as it writes
+    (DeepSpeed writes every model and optimizer file through `engine.checkpoint_engine.save`);
+    call `stop_recording_engine_writes(engine)` after the save."""
+    ce = engine.checkpoint_engine
+    written: list[str] = []
+    original = ce.save
+
+    def save(state_dict, path, *args, **kwargs):
+        written.append(str(path))
+        return original(state_dict, path, *args, **kwargs)
+
+    ce.save = save  # on the instance: `stop_recording_engine_writes` uncovers the class's
+    return written
+
+
+def stop_recording_engine_writes(engine) -> None:
+    engine.checkpoint_engine.__dict__.pop("save", None)
 
 
 def copy_masters_to_model(engine) -> None:

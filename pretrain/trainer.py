@@ -181,20 +181,41 @@ class Trainer:
 
     @property
     def checkpoint_target(self) -> checkpoint.Target:
-        return checkpoint.Target(self.engine, self.mesh, self.cfg.checkpoint_dir)
+        """One per run: it holds the save in flight and the checkpoint's process group."""
+        target = self.__dict__.get("_checkpoint_target")
+        if target is None:
+            target = checkpoint.Target(
+                self.engine,
+                self.mesh,
+                self.cfg.checkpoint_dir,
+                async_save=self.cfg.checkpoint.async_save,
+            )
+            self._checkpoint_target = target
+        return target
 
     def save(self) -> None:
-        """Save the current step (collective); when is CheckpointCallback's choice."""
-        t0 = time.perf_counter()
-        tag = checkpoint.save(
+        """Save the current step (collective); when is CheckpointCallback's choice. Returns
+        once the loop may go on: with checkpoint.async_save the files are still being written
+        (`report_checkpoints` tells the callbacks when a save is complete)."""
+        checkpoint.save(
             self.checkpoint_target,
             self.state.step,
             self.client_state(),
             self.cfg.checkpoint.keep_last,
         )
-        seconds = time.perf_counter() - t0
-        for cb in self.callbacks:
-            cb.on_checkpoint(self, tag, seconds, self.cfg.checkpoint_dir / tag)
+        self.report_checkpoints()
+
+    def report_checkpoints(self, wait: bool = False) -> None:
+        """Call `on_checkpoint` for each save completed since the last call (on each rank
+        when its own part is done: no collectives there); `wait`: first block until the save
+        in flight is complete (the end of a run, before exit 75)."""
+        target = self.checkpoint_target
+        if wait:
+            checkpoint.wait(target)
+        for done in checkpoint.poll(target):
+            self.last_save = done
+            for cb in self.callbacks:
+                cb.on_checkpoint(self, done.tag, done.total_s, done.path)
 
     def resume(self) -> str | None:
         if self.cfg.checkpoint.resume == "never":
@@ -202,6 +223,7 @@ class Trainer:
         loaded = checkpoint.load(self.checkpoint_target)
         if loaded is None:
             return None
+        self.resumed = loaded  # the banner says where it came from (layout, reshard time)
         cs = loaded.client_state["mop"]
         if cs.get("tokenizer_sha256") != self.tokenizer_sha256:
             raise DataError(
@@ -362,10 +384,13 @@ class LoggingCallback(Callback):
 class CheckpointCallback(Callback):
     """When to save: every `checkpoint.interval` steps, at `max_steps`, and before a requeue
     (stop signal); never right after a skipped (non-finite) step, so the newest save stays a
-    good one. How many to keep (`keep_last`) is applied by each save."""
+    good one. How many to keep (`keep_last`) is applied by each save. A background save is
+    awaited when the run ends this step (a stop signal exits 75 only once it is complete), and
+    each complete save is logged (`checkpoint_blocking_s`, `checkpoint_total_s`)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, logger: MetricsLogger | None = None):
         self.interval, self.max_steps = cfg.checkpoint.interval, cfg.max_steps
+        self.logger = logger
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         step = trainer.state.step
@@ -377,6 +402,20 @@ class CheckpointCallback(Callback):
         )
         if result.applied and due:
             trainer.save()
+        ending = trainer.stopping or trainer.finished_reason is not None or step == self.max_steps
+        trainer.report_checkpoints(wait=ending)
+
+    def on_checkpoint(self, trainer: Trainer, tag: str, seconds: float, path: Path) -> None:
+        done = trainer.last_save
+        if self.logger is not None:
+            self.logger.log(
+                trainer.state.step,
+                {
+                    "checkpoint": tag,
+                    "checkpoint_blocking_s": done.blocking_s,
+                    "checkpoint_total_s": seconds,
+                },
+            )
 
 
 class EvalCallback(Callback):

@@ -300,37 +300,31 @@ def restore_expert_weights_after_load(engine) -> None:
     deepspeed_compat.restore_expert_partitions(engine)
 
 
-# Expert shards on disk ---------------------------------------------------------------------------
+# Expert shards on disk (saves before the layout-free format) -----------------------------------
 EXPERT_SHARD_GLOB = "expert_shard_rank*.pt"
 
 
-def save_expert_shard(
-    path: str | Path, model: nn.Module, ep_rank: int, expert_dp_rank: int
-) -> None:
-    """Write this rank's expert parameters beside a DeepSpeed checkpoint (atomically).
-
-    DeepSpeed saves the module from rank 0 only, which under expert parallelism holds only
-    rank 0's experts; these files let eval and export rebuild the full weights without
-    parsing the ZeRO optimizer partitions."""
-    from mop.fileio import atomic_path
-
-    tensors = {
-        n: p.detach().float().cpu() for n, p in model.named_parameters() if is_expert_param(p)
-    }
-    payload = {"ep_rank": ep_rank, "expert_dp_rank": expert_dp_rank, "tensors": tensors}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+def expert_shard_files(tag_dir: str | Path, layout: dict[str, Any]) -> list[Path]:
+    """The files of ONE replica of the experts, in ep-rank order: those of tp rank 0 and
+    expert-data-parallel rank 0 (the other dp/ep - 1 replicas hold the same tensors). Rank r
+    sits at dp_rank = r // tp, ep_rank = dp_rank % ep, expert_dp_rank = dp_rank // ep
+    (pretrain/parallel/mesh.py), so replica 0's ep rank e is global rank e x tp."""
+    tp, ep = int(layout.get("tp") or 1), int(layout.get("ep") or 1)
+    return [Path(tag_dir) / f"expert_shard_rank{e * tp}.pt" for e in range(ep)]
 
 
-def merge_expert_shards(tag_dir: str | Path) -> dict[str, Tensor]:
-    """Full expert tensors of a checkpoint: the shards of one expert-data-parallel replica,
-    concatenated in ep-rank order (experts are contiguous row blocks of [E*f, d])."""
-    shards = [
-        torch.load(f, map_location="cpu", weights_only=False)
-        for f in sorted(Path(tag_dir).glob(EXPERT_SHARD_GLOB))
-    ]
-    replica = sorted((s for s in shards if s["expert_dp_rank"] == 0), key=lambda s: s["ep_rank"])
-    if not replica or [s["ep_rank"] for s in replica] != list(range(len(replica))):
-        raise DataError(f"{tag_dir}: expert shard files are missing or incomplete")
+def merge_expert_shards(tag_dir: str | Path, layout: dict[str, Any]) -> dict[str, Tensor]:
+    """Full expert tensors of an older expert-parallel save (format 1, which wrote one expert
+    file per rank of tp rank 0): one replica's shards, each read once, concatenated in
+    ep-rank order (experts are contiguous row blocks of [E*f, d])."""
+    files = expert_shard_files(tag_dir, layout)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{tag_dir}: expert shard files are missing ({', '.join(missing)})")
+    replica = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    if [(s["ep_rank"], s["expert_dp_rank"]) for s in replica] != [
+        (e, 0) for e in range(len(files))
+    ]:
+        raise DataError(f"{tag_dir}: expert shard files do not match its layout.json")
     names = replica[0]["tensors"].keys()
     return {n: torch.cat([s["tensors"][n] for s in replica], dim=0) for n in names}

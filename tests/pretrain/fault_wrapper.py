@@ -7,6 +7,9 @@ MOP_TEST_KILL_IN_SAVE_AT=phase   with MOP_TEST_KILL_IN_SAVE_STEP: SIGKILL at a l
                                  records its share), `merge` (before rank 0 merges the record),
                                  `pointer` (record written, before the pointer moves)
 MOP_TEST_KILL_RANK=r             kill faults only on rank r (default: every rank)
+MOP_TEST_SLOW_SAVE_S=x           each checkpoint file write first sleeps x seconds (a slow disk:
+                                 a background save is still being written while training goes
+                                 on, a stop signal or a kill arrives)
 MOP_TEST_SIGTERM_AT_STEP=k       send itself SIGTERM while step k+1 runs
 MOP_TEST_NAN_STEPS=a,b,...       the loss of steps a, b (0-based attempted steps) becomes NaN
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from pretrain import checkpoint, checkpoint_record, trainer
 from pretrain.__main__ import main
@@ -33,6 +38,7 @@ KILL_IN_SAVE = _int_env("MOP_TEST_KILL_IN_SAVE_STEP")
 KILL_IN_SAVE_AT = os.environ.get("MOP_TEST_KILL_IN_SAVE_AT", "files")
 KILL_RANK = _int_env("MOP_TEST_KILL_RANK")
 SIGTERM_AT = _int_env("MOP_TEST_SIGTERM_AT_STEP")
+SLOW_SAVE = float(os.environ.get("MOP_TEST_SLOW_SAVE_S") or 0)
 NAN_STEPS = {int(s) for s in os.environ.get("MOP_TEST_NAN_STEPS", "").split(",") if s}
 CURRENT = {"step": -1}
 
@@ -77,11 +83,26 @@ def save(self, state_dict, path):
     return _save(self, state_dict, path)
 
 
+_write_data = dcp_filesystem._FileSystemWriter.write_data
+
+
+def write_data(self, plan, planner):
+    """DCP's write of this rank's files (in the background with checkpoint.async_save)."""
+    if SLOW_SAVE:
+        time.sleep(SLOW_SAVE)
+    if _killing("files", self.path):
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(self.path, f"__{rank}_0.distcp"), "wb") as fh:
+            fh.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _write_data(self, plan, planner)
+
+
 def _kill_before(phase: str, fn):
-    def wrapped(tag_dir, *args):
+    def wrapped(tag_dir, *args, **kwargs):
         if _killing(phase, tag_dir):
             os.kill(os.getpid(), signal.SIGKILL)
-        return fn(tag_dir, *args)
+        return fn(tag_dir, *args, **kwargs)
 
     return wrapped
 
@@ -93,8 +114,9 @@ def _move_pointer(ckpt_dir, tag):
 
 
 _move_pointer_real = checkpoint._move_pointer
-checkpoint_record.write_part = _kill_before("record", checkpoint_record.write_part)
-checkpoint_record.merge_parts = _kill_before("merge", checkpoint_record.merge_parts)
+checkpoint_record.entries = _kill_before("record", checkpoint_record.entries)
+checkpoint_record.write_record = _kill_before("merge", checkpoint_record.write_record)
+dcp_filesystem._FileSystemWriter.write_data = write_data
 checkpoint._move_pointer = _move_pointer
 trainer.Trainer.train_step = train_step
 trainer.lm_loss = lm_loss

@@ -78,3 +78,15 @@ def assert_same_expert_load(ref: dict[int, dict], got: dict[int, dict], steps) -
         assert keys == sorted(k for k in got[s] if k.startswith("expert_load")), s
         for k in keys:
             assert got[s][k] == pytest.approx(ref[s][k], abs=1e-6), (s, k)
+
+
+def saved_weights(step_dir: Path) -> dict:
+    """The single-process model's weights of one save, of any format and layout, as eval
+    reads them (the model config is the one the save carries)."""
+    from eval.checkpoint import _read_states, _train_config, deepspeed_state_dict
+    from pretrain.model.transformer import build_model
+
+    states = _read_states(step_dir)[0]
+    cfg = _train_config(states, None, step_dir)
+    model = build_model(cfg.model)
+    return deepspeed_state_dict(step_dir, states, cfg, model)

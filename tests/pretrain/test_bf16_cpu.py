@@ -1,8 +1,8 @@
 """The bf16 training path on CPU: the optimizer path a GPU run takes, checked where CI runs.
 
 DeepSpeed's bf16 runs on the CPU accelerator with the same engine code as on a GPU: bf16
-module weights, fp32 master partitions, and optimizer files named `bf16_zero_pp_rank_*`
-(a plain fp32 run writes `zero_pp_rank_*`). These tests run what only the GPU default
+module weights and fp32 master partitions, saved as fp32 masters and moments (the
+layout-free format, pretrain/checkpoint.py). These tests run what only the GPU default
 (precision=bf16) exercises: resharding a bf16 checkpoint onto more data-parallel ranks, and
 expert parallelism with the clipped update and resume, tensor parallelism.
 
@@ -20,7 +20,7 @@ import shutil
 
 import pytest
 
-from pretrain.checkpoint import POINTER, optim_partition_files, saved_sizes, tag_of
+from pretrain.checkpoint import POINTER, saved_layout, tag_of
 from tests.pretrain.conftest import train_overrides
 from tests.pretrain.runs import assert_same_run, metrics, run_pretrain
 
@@ -34,9 +34,8 @@ def test_bf16_checkpoint_resumes_on_more_ranks(stage, data_dir, tmp_path):
     ref_run = tmp_path / "serial"
     run_pretrain(train_overrides(data_dir, ref_run, **dense), nproc=1)
     tag_dir = ref_run / "checkpoints" / tag_of(10)
-    files = optim_partition_files(tag_dir, tp_rank=0)
-    assert [f.name for f in files] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    assert saved_sizes(tag_dir) == (1, 1)
+    layout = saved_layout(tag_dir)  # the layout-free format holds the fp32 masters
+    assert (layout["format"], layout["precision"], layout["dp"], layout["tp"]) == (2, "bf16", 1, 1)
 
     resumed = tmp_path / "dp2"
     shutil.copytree(tag_dir, resumed / "checkpoints" / tag_of(10))
@@ -81,6 +80,6 @@ def test_bf16_tensor_parallel_moe_matches_serial(data_dir, tmp_path):
     ref_run, tp_run = tmp_path / "serial", tmp_path / "tp2"
     run_pretrain(train_overrides(data_dir, ref_run, **moe), 1)
     run_pretrain(train_overrides(data_dir, tp_run, **moe, **{"parallel.tensor_parallel": 2}), 2)
-    assert (tp_run / "checkpoints" / tag_of(20) / "mp_rank_01_model_states.pt").is_file()
+    assert saved_layout(tp_run / "checkpoints" / tag_of(20))["tp"] == 2
     ref, got = metrics(ref_run), metrics(tp_run)
     assert_same_run(ref, got, range(1, 21), rtol=LOSS_RTOL, grad_norm_rtol=5e-3)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mop.errors import DamagedStateError
+from mop.errors import DamagedStateError, DataError
 from pretrain import checkpoint_record as record
 from pretrain.checkpoint import (
     POINTER,
@@ -29,8 +29,10 @@ from pretrain.checkpoint import (
 from tests.pretrain.conftest import REPO, run_trainer, subprocess_env, train_overrides
 from tests.pretrain.runs import metrics, run_pretrain
 
-MODEL = "mp_rank_00_model_states.pt"
-OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+# A ZeRO 1/2 save (format 2): rank r's torch.distributed.checkpoint file holds its share of
+# the masters and Adam moments; state.pt the client state (pretrain/checkpoint_dcp.py).
+MODEL = "dcp/__0_0.distcp"
+OPTIM = "dcp/__{}_0.distcp"
 DAMAGED_EXIT = DamagedStateError.exit_code
 
 
@@ -81,12 +83,11 @@ def test_each_save_records_every_file_with_size_and_checksum(base):
     for tag in (tag_of(3), tag_of(6)):
         tag_dir = base / "checkpoints" / tag
         files = json.loads((tag_dir / record.RECORD).read_text())["files"]
-        on_disk = record.saved_files(tag_dir)
-        assert set(files) == set(on_disk) >= {MODEL, OPTIM.format(0), "rng_rank0.pt"}
+        on_disk = {**record.saved_files(tag_dir), "dcp/.metadata": 0}  # DCP's hidden index
+        assert set(files) == set(on_disk) >= {MODEL, "state.pt", "rng_rank0.pt", "layout.json"}
         for name, entry in files.items():
-            assert entry["size"] == on_disk[name]
+            assert entry["size"] == (tag_dir / name).stat().st_size
             assert entry["crc32"] == record.crc32_file(tag_dir / name)
-        assert not list(tag_dir.glob(".integrity_rank*"))  # the parts were merged
         assert check_save(tag_dir) is True
 
 
@@ -105,9 +106,9 @@ def test_record_check_names_each_kind_of_damage(base, tmp_path):
     assert cut == f"size mismatch in {MODEL}: 100 bytes, {size} recorded"
     flipped = damaged(lambda d: flip_byte(d / OPTIM.format(0)))
     assert flipped == f"checksum mismatch in {OPTIM.format(0)}"
-    # eval leaves out the optimizer partitions it never reads (sizes are still checked)
+    # a filter leaves files out of the checksums (sizes are still checked)
     tag_dir = tmp_path / "s"
-    assert record.problem(tag_dir, checksum=lambda n: "optim" not in n) is None
+    assert record.problem(tag_dir, checksum=lambda n: "distcp" not in n) is None
     assert damaged(lambda d: (d / record.RECORD).write_text("{not json")) == (
         f"its {record.RECORD} is unreadable"
     )
@@ -147,9 +148,9 @@ def test_tags_damaged_names_and_prune(tmp_path):
     [
         (lambda d: (d / MODEL).write_bytes((d / MODEL).read_bytes()[:1000]), "size mismatch"),
         (lambda d: (d / "rng_rank0.pt").unlink(), "missing file rng_rank0.pt"),
-        (lambda d: flip_byte(d / OPTIM.format(0)), f"checksum mismatch in {OPTIM.format(0)}"),
+        (lambda d: flip_byte(d / "state.pt"), "checksum mismatch in state.pt"),
     ],
-    ids=["truncated", "deleted", "flipped-optimizer-byte"],
+    ids=["truncated", "deleted", "flipped-state-byte"],
 )
 def test_damaged_newest_save_is_moved_aside_and_training_resumes(
     base, run_copy, data_dir, damage, how
@@ -191,7 +192,7 @@ def test_damaged_pointer_is_moved_aside_and_newest_intact_save_used(
 def test_no_intact_save_is_one_error_line_and_a_code_that_is_not_requeued(run_copy, data_dir):
     ckpt = run_copy / "checkpoints"
     flip_byte(ckpt / tag_of(6) / MODEL)
-    (ckpt / tag_of(3) / OPTIM.format(0)).unlink()
+    (ckpt / tag_of(3) / "state.pt").unlink()
     res = run_trainer(overrides(data_dir, run_copy))
     check_ok(res, DAMAGED_EXIT)
     sbatch = (REPO / "slurm/train.sbatch").read_text()
@@ -301,3 +302,88 @@ def test_one_rank_killed_while_recording_in_a_two_process_run(data_dir, tmp_path
     res = run_pretrain(over, nproc=2)
     assert f"resumed from {tag_of(3)}" in res.stdout and "damaged" not in res.stderr
     assert read_pointer(ckpt) == tag_of(6) and check_save(ckpt / tag_of(6))
+
+
+# Two ranks, two directories (a node-local checkpoint.dir) -----------------------------------
+
+
+def _separate_dirs_worker(rank: int, port: int, root: str) -> None:
+    import contextlib
+    import io
+    import os
+
+    import torch
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from pretrain import checkpoint
+    from pretrain.parallel import Mesh
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 4,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    engine.backward(engine(torch.randn(2, 8)).square().sum())
+    engine.step()
+    mesh = Mesh(world_size=2, rank=rank, dp=2, tp=1, ep=1)
+    node_dir = Path(root) / f"node{rank}"  # each rank its own directory
+    target = checkpoint.Target(engine, mesh, node_dir)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        checkpoint.save(target, 1, {"mop": {"step": 1}}, keep_last=2)
+        checkpoint.wait(target)
+    try:
+        checkpoint.load(target)
+        refused = None
+    except DataError as exc:
+        refused = str(exc)
+    out = {"said": said.getvalue(), "refused": refused, "pointer": read_pointer(node_dir)}
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def test_separate_directories_are_recorded_over_the_group_and_refused_at_resume(tmp_path):
+    """Issue 23 item 8: each rank writes into its own directory. The record comes from the
+    entries gathered over the process group (rank 0 never reads another rank's files), the
+    save says in one line that the directory is not shared, and a resume refuses it in one
+    line on every rank (no rank left waiting)."""
+    import torch.multiprocessing as mp
+
+    from pretrain.launch import free_port
+
+    mp.start_processes(
+        _separate_dirs_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    tag_dir = tmp_path / "node0" / tag_of(1)
+    rec = json.loads((tag_dir / record.RECORD).read_text())
+    assert rec["shared"] is False
+    # rank 1's files are in the record, with the sizes and checksums rank 1 computed
+    rank1_dir = tmp_path / "node1" / tag_of(1)
+    for name in ("dcp/__1_0.distcp", "rng_rank1.pt"):
+        assert rec["files"][name]["crc32"] == record.crc32_file(rank1_dir / name)
+    assert {"dcp/__0_0.distcp", "dcp/.metadata", "state.pt", "rng_rank0.pt"} <= set(rec["files"])
+    assert res[0]["pointer"] == tag_of(1)
+    warned = [ln for ln in res[0]["said"].splitlines() if "not shared" in ln]
+    assert len(warned) == 1 and "warning: checkpoint.dir" in warned[0], res[0]["said"]
+    assert res[1]["said"] == ""
+    for r in res:
+        assert r["refused"] and "is not one directory for all ranks" in r["refused"], r

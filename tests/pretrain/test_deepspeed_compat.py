@@ -5,6 +5,7 @@ Fails by name when an upgrade renames or removes one, instead of deep inside a m
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -35,6 +36,8 @@ def test_pinned_deepspeed_has_each_internal_we_use(owner: str, name: str) -> Non
     obj = _resolve(owner)
     if hasattr(obj, name):
         return
+    if dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}:
+        return  # a dataclass field without a default
     # An instance attribute: one that the class's own code assigns.
     assert inspect.isclass(obj), f"{owner} has no {name}"
     assert re.search(rf"self\.{re.escape(name)}\s*(:[^=\n]*)?=", _class_source(obj)), (
@@ -109,3 +112,13 @@ def test_the_zero_checkpoint_format_we_read(tmp_path) -> None:
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
+
+
+def test_zero_links_each_parameter_to_its_fragment() -> None:
+    """deepspeed_compat.zero_fragments reads `param._hp_mapping`, which ZeRO 1/2 sets on every
+    parameter (None where this rank holds none of it) when it links the fp32 partitions."""
+    from deepspeed.utils import mixed_precision_linkage
+
+    source = inspect.getsource(mixed_precision_linkage.link_hp_params)
+    assert "lp_param._hp_mapping = get_hp_fragment_mapping(" in source
+    assert "lp_param._hp_mapping = None" in inspect.getsource(mixed_precision_linkage)

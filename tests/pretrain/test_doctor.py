@@ -228,10 +228,13 @@ def test_wandb_online_without_key_is_a_warning(data_dir, tmp_path, capsys):
 
 def test_checkpoint_estimate_follows_precision_and_zero_stage(data_dir, tmp_path):
     cfg = load_config(TrainConfig, TINY, over(data_dir, tmp_path))
-    fp32_zero1 = checkpoint_bytes(cfg, "fp32")
-    fp32_zero0 = checkpoint_bytes(cfg.model_copy(update={"zero_stage": 0}), "fp32")
-    bf16 = checkpoint_bytes(cfg, "bf16")
-    assert fp32_zero0 < bf16 < fp32_zero1  # 12, 14 and 16 bytes per parameter
+    # ZeRO 1/2 saves masters and moments only, whatever the precision
+    assert checkpoint_bytes(cfg, "fp32") == checkpoint_bytes(cfg, "bf16")
+    zero0 = cfg.model_copy(update={"zero_stage": 0})
+    zero3 = cfg.model_copy(update={"zero_stage": 3})  # DeepSpeed's files: module weights too
+    fp32_zero0 = checkpoint_bytes(zero0, "fp32")
+    assert fp32_zero0 < checkpoint_bytes(zero3, "bf16") < checkpoint_bytes(zero3, "fp32")
+    assert checkpoint_bytes(cfg, "fp32") == fp32_zero0  # 12, 14 and 16 bytes per parameter
 
 
 def test_entry_point_exit_code_and_one_error_line(tmp_path):
@@ -305,13 +308,12 @@ def test_cpu_slurm_job_with_zero_gpus_passes(data_dir, tmp_path, capsys, monkeyp
 def _fake_save(ckpt_dir: Path, step: int) -> Path:
     """A save as pretrain.checkpoint leaves it: files, their integrity record, the pointer."""
     from pretrain.checkpoint import POINTER, tag_of
-    from pretrain.checkpoint_record import merge_parts, write_part
+    from pretrain.checkpoint_record import record_all
 
     tag_dir = ckpt_dir / tag_of(step)
     tag_dir.mkdir(parents=True)
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
-    write_part(tag_dir, 0, 1)
-    merge_parts(tag_dir, 1)
+    record_all(tag_dir)
     (ckpt_dir / POINTER).write_text(tag_of(step) + "\n")
     return tag_dir
 
