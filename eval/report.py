@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,18 +38,17 @@ from typing import Any
 from eval.report_render import (
     csv_value,
     md_table,
-    model_key,
+    number,
     plot_vs_params,
     plot_vs_perplexity,
     write_figures_csv,
 )
 from eval.report_synthetic import (
     FIGURES,
-    INTEGER_FIELDS,
     SECTIONS,
     SYNTHETIC_COLUMNS,
-    SYNTHETIC_FIELDS,
-    phonebook_max_sizes,
+    add_phonebook_max_size,
+    synthetic_values,
 )
 from mop.cli import ArgumentParser, examples
 from mop.errors import DataError, UserError, check_dir_target, cli_entry
@@ -116,13 +114,6 @@ def _step(doc: dict[str, Any]) -> int:
     return step if isinstance(step, int) else -1
 
 
-def _num(value: Any) -> float | None:
-    """A finite number or None (missing, null, text, NaN all become None)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def flatten(doc: dict[str, Any]) -> dict[str, Any]:
     """One CSV row of a results document (missing values are None)."""
     m = doc.get("model") or {}
@@ -135,32 +126,23 @@ def flatten(doc: dict[str, Any]) -> dict[str, Any]:
         "n_layers": m.get("n_layers"),
         "num_experts": m.get("num_experts"),
         "top_k": m.get("top_k"),
-        "total_params": _num(m.get("total_params")),
-        "active_params": _num(m.get("active_params")),
-        "perplexity": _num((doc.get("ppl") or {}).get("perplexity")),
+        "total_params": number(m.get("total_params")),
+        "active_params": number(m.get("active_params")),
+        "perplexity": number((doc.get("ppl") or {}).get("perplexity")),
     }
     cats = doc.get("categories") or {}
     for cat in CATEGORIES:
-        row[cat] = _num(cats.get(cat))
+        row[cat] = number(cats.get(cat))
     for name, task in (doc.get("tasks") or {}).items():
-        row[f"task_{name}"] = _num(task.get("score")) if isinstance(task, dict) else None
-    synth = doc.get("synthetic") or {}
-    for col, (section, key) in SYNTHETIC_FIELDS.items():
-        row[col] = _num((synth.get(section) or {}).get(key))
-    for col in INTEGER_FIELDS:
-        if row[col] is not None:
-            row[col] = int(row[col])
+        row[f"task_{name}"] = number(task.get("score")) if isinstance(task, dict) else None
+    row.update(synthetic_values(doc.get("synthetic") or {}, row["total_params"]))
     return row
 
 
 def build_rows(docs: Sequence[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
     """Rows of all documents, each with the phone-book maximal size of its model."""
-    max_sizes = phonebook_max_sizes(docs, threshold)
-    rows = []
-    for doc in docs:
-        row = flatten(doc)
-        row["phonebook_max_size"] = max_sizes.get(model_key(doc))
-        rows.append(row)
+    rows = [flatten(doc) for doc in docs]
+    add_phonebook_max_size(rows, threshold)
     rows.sort(
         key=lambda r: (
             str(r["ffn"]),

@@ -9,6 +9,7 @@ dicts of `eval.report.flatten`; a "model" is identified by its architecture
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,6 +17,13 @@ from typing import Any
 
 PARAM_AXES = (("total_params", "total parameters"), ("active_params", "active parameters"))
 MODEL_KEY_FIELDS = ("ffn", "d_model", "n_layers", "num_experts", "top_k", "total_params")
+
+
+def number(value: Any) -> float | None:
+    """A finite number or None (missing, null, text, NaN all become None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 # -- what "the same model" means ----------------------------------------------------------
@@ -50,11 +58,20 @@ def series_name(row: dict[str, Any]) -> str:
 # -- figures ------------------------------------------------------------------------------
 
 
-def points(rows: Iterable[dict], x: str, y: str) -> dict[str, list[tuple[float, float]]]:
-    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+Point = tuple[float, ...]  # (x, y) or (x, y, low, high): a mean and the range of its seeds
+
+
+def spread(row: dict, y: str) -> tuple[float, float, float] | None:
+    """(std, min, max) of `y` over the seeds averaged into `row` (seed_means), if any."""
+    return (row.get("spread") or {}).get(y)
+
+
+def points(rows: Iterable[dict], x: str, y: str) -> dict[str, list[Point]]:
+    out: dict[str, list[Point]] = defaultdict(list)
     for r in rows:
         if r.get(x) is not None and r.get(y) is not None:
-            out[series_name(r)].append((r[x], r[y]))
+            sp = spread(r, y)
+            out[series_name(r)].append((r[x], r[y]) if sp is None else (r[x], r[y], sp[1], sp[2]))
     return out
 
 
@@ -63,7 +80,8 @@ def _series_sort_key(name: str) -> tuple:
     return (name != "dense", name.split(" (")[0], int(digits) if digits else 0)
 
 
-def draw(ax, series: dict[str, list[tuple[float, float]]], logx: bool, logy: bool = False):
+def draw(ax, series: dict[str, list[Point]], logx: bool, logy: bool = False):
+    """One line per series; a point with a seed range gets an error bar from min to max."""
     for i, name in enumerate(sorted(series, key=_series_sort_key)):
         pts = sorted(series[name])
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -73,7 +91,12 @@ def draw(ax, series: dict[str, list[tuple[float, float]]], logx: bool, logy: boo
             style = {"color": f"C{i % 10}", "marker": "s", "linestyle": "-"}
         else:
             style = {"color": f"C{i % 10}", "marker": "o", "linestyle": "--"}
-        ax.plot(xs, ys, label=name, **style)
+        if any(len(p) == 4 and p[2] != p[3] for p in pts):
+            lo = [p[1] - (p[2] if len(p) == 4 else p[1]) for p in pts]
+            hi = [(p[3] if len(p) == 4 else p[1]) - p[1] for p in pts]
+            ax.errorbar(xs, ys, yerr=[lo, hi], label=name, capsize=3, **style)
+        else:
+            ax.plot(xs, ys, label=name, **style)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from pretrain.model_info import human
@@ -160,6 +183,9 @@ FIGURE_COLUMNS = (
     "x",
     "y_name",
     "y",
+    "y_std",
+    "y_min",
+    "y_max",
     "runs",
 )
 
@@ -167,7 +193,10 @@ FIGURE_COLUMNS = (
 def figure_point(
     fig: str, series: str, row: dict, x_name: str, x: Any, y_name: str, y: Any
 ) -> dict:
-    """One row of figures.csv: a plotted point and the model it belongs to."""
+    """One row of figures.csv: a plotted point, the model it belongs to, and the spread of the
+    seeds it averages (std, min, max; empty for a single run)."""
+    sp = spread(row, y_name)
+    std, lo, hi = sp if sp is not None else (None, None, None)
     return {
         "figure": fig,
         "series": series,
@@ -178,6 +207,9 @@ def figure_point(
         "x": x,
         "y_name": y_name,
         "y": y,
+        "y_std": std,
+        "y_min": lo,
+        "y_max": hi,
         "runs": row.get("runs", 1),
     }
 
@@ -208,6 +240,8 @@ def fmt(v: Any, col: str) -> str:
         return "-"
     if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:
         v = int(v)
+    if isinstance(v, float) and "bits" in col and "per_param" not in col:
+        return f"{v:,.0f}"  # bits stored: a count
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int) and col.endswith("_params"):

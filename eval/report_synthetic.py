@@ -7,26 +7,40 @@ One registry per concern, so that a new task adds one entry to each and touches 
   drawing a task's figures and appending every plotted point to `record` (figures.csv);
 - `SECTIONS`: functions (rows, threshold) -> markdown lines of report.md.
 
-Runs of one model and size (the seeds of a grid, `slurm/grid.py`) are averaged (`seed_means`).
+Runs of one model and size (the seeds of a grid, `slurm/grid.py`) are averaged (`seed_means`):
+figures show the mean with an error bar from the lowest to the highest seed, figures.csv holds
+the mean, standard deviation, min and max and the number of runs.
+
+Phone-book capacity (Fig. 4a and Allen-Zhu & Li 2024, "Physics of Language Models 3.3"):
+beside the paper's axis (the largest book recalled at >= threshold exact, per seed, then
+averaged), each run gets the bits it stores, from the teacher-forced loss per answer digit
+on its queried entries: bits = book x 8 digits x (ln 10 - answer_loss) / ln 2 (0 at chance,
+26.6 per entry when every digit is certain). It counts partial knowledge (a digit narrowed to
+2 candidates is 2.3 bits) and is their measure; entries recalled exactly x 26.6 bits (also in
+results.csv) is the stricter lower bound. A model's capacity is the most bits any of its books
+holds (in practice the largest book, which it cannot hold whole), and bits per parameter
+divides it by the total parameters.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from eval.report_render import (
-    MODEL_KEY_FIELDS,
     draw,
     figure_point,
     fmt,
     md_table,
-    model_key,
+    number,
     plot_vs_params,
     row_model,
     series_name,
+    spread,
 )
 
 SYNTHETIC_FIELDS = {  # column -> (section, key) in the `synthetic` part of results.json
@@ -39,15 +53,47 @@ SYNTHETIC_FIELDS = {  # column -> (section, key) in the `synthetic` part of resu
     "memorization_accuracy": ("memorization", "accuracy"),
     "memorization_n": ("memorization", "n"),
 }
-INTEGER_FIELDS = ("memorization_n",)  # counts: 64, not 64.0, in the CSV and on the axes
-# Columns of results.csv: the fields, plus the phone-book maximal size of the row's model.
+INTEGER_FIELDS = ("memorization_n", "seed")  # counts: 64, not 64.0, in the CSV and on axes
+PHONEBOOK_DIGITS = 8  # digits per number (data_prep.synthetic.phonebook.NUMBER_DIGITS)
+BITS_PER_ENTRY = PHONEBOOK_DIGITS * math.log2(10)  # 26.6: a number known for certain
+# Columns of results.csv: the data seed, the fields, and what the report derives from them.
 SYNTHETIC_COLUMNS = (
+    "seed",
     *list(SYNTHETIC_FIELDS)[:4],
     "phonebook_max_size",
+    "phonebook_entries_recalled",
+    "phonebook_bits",
+    "phonebook_bits_exact",
+    "phonebook_bits_per_param",
     *list(SYNTHETIC_FIELDS)[4:],
 )
 
 Attempt = tuple[str, bool, str]  # (png name, drawn, why it was skipped)
+
+
+def synthetic_values(synth: dict[str, Any], total_params: float | None) -> dict[str, Any]:
+    """The synthetic columns of one results.json (its `synthetic` part), derived ones included
+    (phonebook_max_size is per model and seed: `add_phonebook_max_size`)."""
+    row: dict[str, Any] = {}
+    for col, (section, key) in SYNTHETIC_FIELDS.items():
+        row[col] = number((synth.get(section) or {}).get(key))
+    seeds = [s.get("seed") for s in synth.values() if isinstance(s, dict)]
+    row["seed"] = next((number(x) for x in seeds if number(x) is not None), None)
+    for col in INTEGER_FIELDS:
+        if row[col] is not None:
+            row[col] = int(row[col])
+    book, acc = row["phonebook_book_size"], row["phonebook_accuracy"]
+    loss = row["phonebook_answer_loss"]
+    row["phonebook_entries_recalled"] = acc * book if acc is not None and book else None
+    row["phonebook_bits_exact"] = acc * book * BITS_PER_ENTRY if acc is not None and book else None
+    bits = None
+    if loss is not None and book:
+        bits = max(0.0, book * PHONEBOOK_DIGITS * (math.log(10) - loss) / math.log(2))
+    row["phonebook_bits"] = bits
+    row["phonebook_bits_per_param"] = (
+        bits / total_params if bits is not None and total_params else None
+    )
+    return row
 
 
 # -- averaging over seeds -------------------------------------------------------------------
@@ -57,7 +103,8 @@ def seed_means(rows: Sequence[dict], y: str, by: str | None = None) -> list[dict
     """Rows with `y` averaged over the runs of one model (and one value of `by`, e.g. the size n).
 
     A grid repeats each (model, size) over seeds; a figure shows their mean. Each returned row
-    is the first run's row with `y` replaced by the mean and `runs` set to the count.
+    is the first run's row with `y` replaced by the mean, `runs` set to the count and, for two
+    runs or more, `spread[y]` = (standard deviation, min, max) over them.
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -66,8 +113,12 @@ def seed_means(rows: Sequence[dict], y: str, by: str | None = None) -> list[dict
     out = []
     for members in groups.values():
         row = dict(members[0])
-        row[y] = sum(m[y] for m in members) / len(members)
-        row["runs"] = len(members)
+        values = [m[y] for m in members]
+        row[y] = sum(values) / len(values)
+        row["runs"] = len(values)
+        row["spread"] = dict(row.get("spread") or {})
+        if len(values) > 1:
+            row["spread"][y] = (statistics.stdev(values), min(values), max(values))
         out.append(row)
     return out
 
@@ -98,32 +149,61 @@ def at_largest(rows: Sequence[dict], y: str, n_col: str | None) -> tuple[list[di
 # -- phone-book (Fig. 4a) --------------------------------------------------------------------
 
 
-def phonebook_max_sizes(docs: Sequence[dict[str, Any]], threshold: float) -> dict[tuple, int]:
-    """model_key -> the largest book recalled at >= threshold across that model's runs
-    (only models that have phone-book results; None where no book reaches it)."""
-    by_model: dict[tuple, list[dict]] = defaultdict(list)
-    for doc in docs:
-        by_model[model_key(doc)].append(doc)
-    groups = {
-        key: group
-        for key, group in by_model.items()
-        if any((d.get("synthetic") or {}).get("phonebook") for d in group)
-    }
+def add_phonebook_max_size(rows: Sequence[dict], threshold: float) -> None:
+    """Set `phonebook_max_size` on every phone-book row: the largest book that the row's model
+    recalls at >= threshold with the row's data seed (None where no book reaches it)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("phonebook_book_size") is not None:
+            groups[(row_model(r), r.get("seed"))].append(r)
     if not groups:
-        return {}
+        return
     from eval.synthetic import max_book_size_at  # imports torch: only when needed
 
-    return {key: max_book_size_at(group, threshold) for key, group in groups.items()}
+    for group in groups.values():
+        sections = [
+            {"book_size": r["phonebook_book_size"], "accuracy": r.get("phonebook_accuracy")}
+            for r in group
+        ]
+        best = max_book_size_at(sections, threshold)
+        for r in group:
+            r["phonebook_max_size"] = best
+
+
+def _per_seed(rows: Sequence[dict], col: str, pick: Callable[[list[dict]], dict | None]):
+    """One row per (model, seed) chosen by `pick` among its runs; then seed means per model."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get(col) is not None:
+            groups[(row_model(r), r.get("seed"))].append(r)
+    chosen = [row for row in (pick(g) for g in groups.values()) if row is not None]
+    return seed_means(chosen, col)
 
 
 def phonebook_rows(rows: Sequence[dict]) -> list[dict]:
-    """One row per model (the sweep's maximal book size), for the maximal-size plot."""
-    seen: dict[tuple, dict] = {}
+    """One row per model: its maximal book size, the mean over seeds (seeds where no book
+    reaches the threshold are left out; `runs` says how many are in)."""
+    return _per_seed(rows, "phonebook_max_size", lambda g: g[0])
+
+
+def phonebook_capacity_rows(rows: Sequence[dict]) -> list[dict]:
+    """One row per model: the most bits any of its books holds, per seed, averaged over seeds,
+    with the entries recalled exactly and the bits per parameter of those runs (seed means);
+    `phonebook_book_size` is the book that held the most bits for the first seed."""
+    pick = defaultdict(list)
     for r in rows:
-        if r.get("phonebook_max_size") is None:
-            continue
-        seen.setdefault(tuple(r.get(k) for k in MODEL_KEY_FIELDS), r)
-    return list(seen.values())
+        if r.get("phonebook_bits") is not None:
+            pick[(row_model(r), r.get("seed"))].append(r)
+    chosen = [max(g, key=lambda r: r["phonebook_bits"]) for g in pick.values()]
+    out = seed_means(chosen, "phonebook_bits")
+    for col in ("phonebook_entries_recalled", "phonebook_bits_per_param"):
+        means = {row_model(m): m for m in seed_means(chosen, col)}
+        for r in out:
+            m = means.get(row_model(r))
+            r[col] = m[col] if m else None
+            if m and spread(m, col) is not None:
+                r["spread"][col] = spread(m, col)
+    return out
 
 
 def phonebook_figures(
@@ -143,19 +223,59 @@ def phonebook_figures(
         f"no model reaches phone-book accuracy >= {threshold:g} at any book size "
         "(or no phone-book results)"
     )
-    return [(name, ok, why)]
+    attempts = [(name, ok, why)]
+    name = "phonebook_bits.png"
+    ok = plot_vs_params(
+        phonebook_capacity_rows(rows),
+        "phonebook_bits",
+        "bits stored (most over its books)",
+        "phone-book: capacity in bits (Allen-Zhu & Li's measure)",
+        out / name,
+        logy=True,
+        record=record,
+    )
+    attempts.append((name, ok, "no phone-book results with an answer loss"))
+    return attempts
 
 
 def phonebook_markdown(rows: Sequence[dict], threshold: float) -> list[str]:
     """The maximal sizes per model, then per run: exact recall beside the partial measures
     (digits right, loss on the answer)."""
     lines = ["", "## Phone-book maximal size", ""]
-    pb_models = phonebook_rows(rows)
-    if pb_models:
+    pb_models = {row_model(r): r for r in phonebook_rows(rows)}
+    capacity = phonebook_capacity_rows(rows)
+    if capacity:
+        lines.append(
+            f"Per model, mean over seeds [min, max]: the largest book recalled at >= {threshold:g}"
+            " exact, and its capacity: the most bits any of its books holds (loss-based), that"
+            " book, its entries recalled exactly, and bits per parameter (of the total)."
+        )
+        lines += [
+            "",
+            "| model | ffn | experts | total params | active params | max book | "
+            "bits stored | book | entries exact | bits / param | seeds |",
+        ]
+        lines.append("|" + "---|" * 11)
+        for r in sorted(
+            capacity, key=lambda r: (r.get("ffn") != "dense", r.get("total_params") or 0)
+        ):
+            mx = pb_models.get(row_model(r))
+            cells = [
+                fmt(r.get(c), c)
+                for c in ("model", "ffn", "num_experts", "total_params", "active_params")
+            ]
+            cells.append(_mean_range(mx, "phonebook_max_size", ",.0f") if mx else "-")
+            cells.append(_mean_range(r, "phonebook_bits", ",.0f"))
+            cells.append(fmt(r.get("phonebook_book_size"), "n"))
+            cells.append(_mean_range(r, "phonebook_entries_recalled", ",.0f"))
+            cells.append(_mean_range(r, "phonebook_bits_per_param", ".3f"))
+            cells.append(str(r["runs"]))
+            lines.append("| " + " | ".join(cells) + " |")
+    elif pb_models:
         lines.append(f"Largest book size with accuracy >= {threshold:g}, per model:")
         lines.append("")
         lines += md_table(
-            pb_models,
+            list(pb_models.values()),
             ["model", "ffn", "num_experts", "total_params", "active_params", "phonebook_max_size"],
         )
     else:
@@ -163,11 +283,21 @@ def phonebook_markdown(rows: Sequence[dict], threshold: float) -> list[str]:
     pb = [r for r in rows if r.get("phonebook_accuracy") is not None]
     if not any(r.get("phonebook_digit_accuracy") is not None for r in pb):
         return lines
-    cols = ["model", "ffn", "num_experts", "total_params", "active_params"]
+    cols = ["model", "ffn", "num_experts", "total_params", "active_params", "seed"]
     cols += ["phonebook_book_size", "step", "phonebook_accuracy", "phonebook_digit_accuracy"]
-    cols.append("phonebook_answer_loss")
+    cols += ["phonebook_answer_loss", "phonebook_bits"]
     lines += ["", "Phone-book recall per run (exact, per digit, loss on the answer):", ""]
     return lines + md_table(pb, cols)
+
+
+def _mean_range(row: dict, y: str, spec: str) -> str:
+    """`0.412 [0.398, 0.431]`: a seed mean with its range (the mean alone for one run)."""
+    value = row.get(y)
+    if value is None:
+        return "-"
+    sp = spread(row, y)
+    text = format(value, spec)
+    return text if sp is None else f"{text} [{format(sp[1], spec)}, {format(sp[2], spec)}]"
 
 
 # -- shortest path (Fig. 4b) -----------------------------------------------------------------
@@ -202,13 +332,16 @@ def shortest_path_markdown(rows: Sequence[dict], threshold: float) -> list[str]:
         return []
     exact = {row_model(r): r for r in seed_means(rows, "shortest_path_exact_match")}
     cols = ["model", "ffn", "num_experts", "total_params", "active_params"]
-    lines = ["", "## Shortest path", "", "Held-out graphs, mean over seeds:", ""]
+    lines = ["", "## Shortest path", "", "Held-out graphs, mean over seeds [min, max]:", ""]
     lines += ["| " + " | ".join([*cols, "valid shortest path", "exact match", "runs"]) + " |"]
     lines.append("|" + "---|" * (len(cols) + 3))
     for key, r in sorted(valid.items(), key=lambda kv: kv[1].get("active_params") or 0):
         em = exact.get(key, {}).get("shortest_path_exact_match")
         cells = [fmt(r.get(c), c) for c in cols]
-        cells += [f"{r['shortest_path_valid']:.3f}", "-" if em is None else f"{em:.3f}"]
+        cells.append(_mean_range(r, "shortest_path_valid", ".3f"))
+        cells.append(
+            "-" if em is None else _mean_range(exact[key], "shortest_path_exact_match", ".3f")
+        )
         cells.append(str(r["runs"]))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -318,7 +451,8 @@ def memorization_markdown(rows: Sequence[dict], threshold: float) -> list[str]:
     for key, r in order:
         cells = [fmt(r.get(c), c) for c in head]
         cells += [
-            f"{r['acc'][n]['memorization_accuracy']:.3f}" if n in r["acc"] else "-" for n in sizes
+            _mean_range(r["acc"][n], "memorization_accuracy", ".3f") if n in r["acc"] else "-"
+            for n in sizes
         ]
         cells.append(fmt(best.get(key), "n"))
         lines.append("| " + " | ".join(cells) + " |")

@@ -8,16 +8,17 @@ results.json for that task:
   whole answer (the 8 digits); beside it the fraction of digits right at their position
   (chance 0.1) and the loss on the book: the mean cross-entropy per digit of the reference
   number given the name, teacher-forced (nats; chance ln 10 = 2.30), over the queried
-  entries, which are entries of the training book -> {"phonebook": {"book_size",
+  entries, which are entries of the training book -> {"phonebook": {"book_size", "seed",
   "accuracy", "digit_accuracy", "answer_loss", "n"}}.
 - shortest path: greedy-decode until EOS (or the longest possible path), parse the node list
   and score both the exact reference path and *any* valid shortest path (the reference is
   only the lexicographically smallest one) -> {"shortest_path": {"exact_match",
-  "valid_shortest_path", "parsed", "nodes", "n"}}.
+  "valid_shortest_path", "parsed", "nodes", "seed", "n"}}.
 - memorization: sign of a sequence classifier's logit against the +-1 labels (the test set is
   the training set by design) -> {"memorization": {"accuracy", "n"}}.
 
-Decoding is `eval.generate.greedy_generate` (KV cache for a causal Transformer, full recompute
+`seed` is the data seed of the task directory (its config.json), so that a report can tell
+the seeds of a grid apart. Decoding is `eval.generate.greedy_generate` (KV cache for a causal Transformer, full recompute
 over equal-length batches otherwise; phone-book prompts all have the same length).
 """
 
@@ -234,10 +235,13 @@ def run_synthetic(
         rows = load_test_set(data_dir)
         if limit is not None:
             rows = rows[:limit]
+        config = _task_config(data_dir)
+        seed = {"seed": int(config["seed"])} if "seed" in config else {}
         if task == "phonebook":
             res = eval_phonebook(model, tokenizer, rows, device, batch_size)
-            return {"phonebook": {"book_size": int(_task_config(data_dir)["size"]), **res}}
-        return {"shortest_path": eval_shortest_path(model, tokenizer, rows, device, batch_size)}
+            return {"phonebook": {"book_size": int(config["size"]), **seed, **res}}
+        res = eval_shortest_path(model, tokenizer, rows, device, batch_size)
+        return {"shortest_path": {**res, **seed}}
     finally:
         model.train(was_training)
 

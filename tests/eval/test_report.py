@@ -256,6 +256,11 @@ def test_synthetic_grid_figures_and_their_numbers(tmp_path: Path) -> None:
     assert vs_n[(dense, "4096")] == pytest.approx(0.91)
     assert vs_n[(moe, "16384")] == pytest.approx(0.95)
     assert {p["runs"] for p in points if p["figure"] == "memorization_vs_n.png"} == {"2"}
+    # the spread of the two seeds beside each mean: std, min, max
+    p = next(p for p in points if p["figure"] == "memorization_vs_n.png" and p["x"] == "4096"
+             and p["series"] == dense)  # fmt: skip
+    assert float(p["y_std"]) == pytest.approx(0.01414, abs=1e-4)
+    assert (float(p["y_min"]), float(p["y_max"])) == pytest.approx((0.90, 0.92))
 
     # Largest n at >= 0.9 (seed means): dense 4096 (0.91), MoE 16384 (0.95), on both axes.
     max_n = [p for p in points if p["figure"] == "memorization_max_n.png"]
@@ -282,7 +287,9 @@ def test_synthetic_grid_figures_and_their_numbers(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Memorization" in md and "| n=1,024 | n=4,096 | n=16,384 | max n (>= 0.9) |" in md
     dense_line = next(line for line in md.splitlines() if line.startswith("| dense_f32 |"))
-    assert "| 0.990 | 0.910 | 0.720 | 4,096 |" in dense_line
+    assert "| 0.990 [0.980, 1.000] | 0.910 [0.900, 0.920] | 0.720 [0.700, 0.740] | 4,096 |" in (
+        dense_line
+    )  # seed means with the seeds' range
     assert "## Shortest path" in md and "| dense_d64 |" in md
     # Phone-book runs that recall nothing at 90% still show their partial recall.
     assert "Phone-book recall per run" in md and "| moe_d32_e8 | moe | 8 |" in md
@@ -298,3 +305,77 @@ def test_grid_threshold_moves_the_maximal_n(tmp_path: Path) -> None:
     max_n = [p for p in _read_csv(tmp_path / "r" / "figures.csv") if "max_n" in p["figure"]]
     # Only the MoE keeps >= 0.995 (mean of 0.998 and 0.996 at n=4096); dense (0.99 at best) never.
     assert {(p["series"], p["y"]) for p in max_n} == {("MoE (16 experts)", "4096")}
+
+
+# -- phone-book capacity: the paper's axis per seed, and bits stored ---------------------------
+
+PB_BOOKS = (250, 500, 1000, 2000)
+# exact recall per (model, book) and seed: dense holds 500 (one seed only 250), MoE 1000
+PB_ACC = {
+    "dense": {250: (1.0, 0.99, 0.98), 500: (0.95, 0.8, 0.92), 1000: (0.5, 0.4, 0.45)},
+    "moe": {500: (1.0, 1.0, 1.0), 1000: (0.93, 0.95, 0.91), 2000: (0.6, 0.55, 0.5)},
+}
+
+
+def make_phonebook_grid(root: Path) -> Path:
+    """Two models x their books x 3 seeds, with the data seed in each section (eval writes it)."""
+    for ffn, books in PB_ACC.items():
+        total, active = (3e4, 1e4) if ffn == "moe" else (1e4, 1e4)
+        for book, accs in books.items():
+            for seed, acc in enumerate(accs):
+                run = root / "runs" / f"{ffn}-n{book}-s{seed}"
+                head = _header(run, 1000, ffn, 16, total, active)
+                head["model"]["name"] = f"{ffn}_d16"
+                loss = 2.302585 * (1 - acc)  # a digit known with probability acc: bits scale
+                section = {"book_size": book, "seed": seed, "accuracy": acc, "n": 200}
+                section.update(digit_accuracy=acc, answer_loss=loss)
+                update_results(run, head, "synthetic", {"phonebook": section})
+    return root
+
+
+def test_phonebook_capacity_per_seed_and_bits_stored(tmp_path: Path) -> None:
+    import math
+
+    grid = make_phonebook_grid(tmp_path / "pb")
+    out = tmp_path / "report"
+    assert main([str(grid), "--out", str(out), "--threshold", "0.9"]) == 0
+    points = _read_csv(out / "figures.csv")
+    mx = {
+        p["model"]: p for p in points
+        if p["figure"] == "phonebook_max_size.png" and p["x_name"] == "total_params"
+    }  # fmt: skip
+    # dense: seeds 0 and 2 hold 500, seed 1 only 250 -> mean 416.7 in [250, 500]
+    assert float(mx["dense_d16"]["y"]) == pytest.approx(1250 / 3)
+    assert (float(mx["dense_d16"]["y_min"]), float(mx["dense_d16"]["y_max"])) == (250, 500)
+    assert mx["dense_d16"]["runs"] == "3"
+    assert float(mx["moe_d16"]["y"]) == 1000 and mx["moe_d16"]["y_std"] == "0.0"
+
+    # bits stored: book x 8 x (ln 10 - loss) / ln 2, the most over a model's books, per seed
+    def bits(book: int, acc: float) -> float:
+        return book * 8 * (math.log(10) - 2.302585 * (1 - acc)) / math.log(2)
+
+    cap = {
+        p["model"]: p for p in points
+        if p["figure"] == "phonebook_bits.png" and p["x_name"] == "active_params"
+    }  # fmt: skip
+    moe_bits = [max(bits(b, PB_ACC["moe"][b][s]) for b in (500, 1000, 2000)) for s in range(3)]
+    assert float(cap["moe_d16"]["y"]) == pytest.approx(sum(moe_bits) / 3, rel=1e-6)
+    assert float(cap["moe_d16"]["y_max"]) == pytest.approx(max(moe_bits), rel=1e-6)
+    rows = {
+        (r["model"], r["phonebook_book_size"], r["seed"]): r for r in _read_csv(out / "results.csv")
+    }
+    r = rows[("dense_d16", "1000", "1")]
+    assert float(r["phonebook_bits"]) == pytest.approx(bits(1000, 0.4), rel=1e-6)
+    assert float(r["phonebook_bits_exact"]) == pytest.approx(400 * 8 * math.log2(10))
+    assert float(r["phonebook_entries_recalled"]) == pytest.approx(400)
+    assert float(r["phonebook_bits_per_param"]) == pytest.approx(bits(1000, 0.4) / 1e4, rel=1e-6)
+    assert r["phonebook_max_size"] == "250"  # this seed's own largest book at >= 0.9
+    assert rows[("dense_d16", "1000", "0")]["phonebook_max_size"] == "500"
+
+    md = (out / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| moe_d16 |"))
+    assert "| 1,000 [1,000, 1,000] |" in line and line.endswith("| 3 |")
+    per_param = sum(moe_bits) / 3 / 3e4
+    assert f"| {per_param:.3f} [" in line
+    png = (out / "phonebook_bits.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
