@@ -208,6 +208,38 @@ def _units(suites: list[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(units))  # a task asked for alone and in its suite runs once
 
 
+def check_generation_room(units: list[tuple[str, str]], skip: set[str], lm) -> None:
+    """Refuse, before the first task, a generation task whose length (its own max_gen_toks,
+    else --max-gen-toks) leaves no context in the model's window: it would otherwise stop the
+    run midway, after every task before it."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from eval.tasks import TASKS, harness_config
+
+    too_long: dict[str, int] = {}
+    for unit, _ in units:
+        spec = TASKS.get(unit)
+        if spec is None or unit in skip:
+            continue
+        cfg = harness_config(spec, next(iter(spec.subjects.values()), None))
+        if cfg.get("output_type") != "generate_until":
+            continue
+        kwargs = dict(cfg.get("generation_kwargs") or {})
+        gen = int(normalize_gen_kwargs(kwargs, lm.max_gen_toks)["max_gen_toks"])
+        if gen >= lm.max_length:
+            too_long[unit] = gen
+    if too_long:
+        tasks = ", ".join(f"{task} (max_gen_toks={gen})" for task, gen in too_long.items())
+        own = sorted(task for task, gen in too_long.items() if gen != lm.max_gen_toks)
+        fix = f"pass --max-gen-toks below {lm.max_length}"
+        if own:
+            fix += f"; {', '.join(own)} set their own length: leave them out of --suite"
+        raise ConfigError(
+            f"{tasks}: no room for context in the model's max_seq_len={lm.max_length}, "
+            f"nothing evaluated: {fix}"
+        )
+
+
 def running_scores(running: dict[str, list[float]]) -> str:
     """'knowledge 0.1234 (2 tasks), math 0.0500 (1 task); ' -- mean primary score per suite."""
     parts = [
@@ -245,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = set() if args.redo else finished_tasks(loaded.ref.path, task_settings(args))
     skip = _same_on_every_rank(skip if rank == 0 else None)
     units = _units(suites)
+    check_generation_room(units, skip, lm)
     running: dict[str, list[float]] = {}  # suite -> primary scores of the tasks done so far
     started = time.perf_counter()
     for i, (unit, suite) in enumerate(units, 1):

@@ -75,7 +75,8 @@ def test_benchmark_and_synthetic_suites_merge_into_one_file(
     bench = tmp_path / "bench"  # eval checks that --benchmark-dir exists before loading
     bench.mkdir()
     args = ["--checkpoint", str(step), "--limit", "3", "--benchmark-dir", str(bench)]
-    assert main([*args, "--suite", "all"]) == 0
+    # math generates 256 tokens by default: more than this 48-token model holds
+    assert main([*args, "--suite", "all", "--max-gen-toks", "16"]) == 0
     assert main([*args, "--suite", "synthetic", "--num-fewshot", "2"]) == 0
     every_task = list(eval.tasks.TASKS)  # knowledge, commonsense, math: the suites' order
     assert [c[0] for c in calls] == [*every_task, "synthetic"]
@@ -114,6 +115,35 @@ def test_a_killed_benchmark_run_resumes_with_the_tasks_left(run_copy, monkeypatc
     calls.clear()
     assert main([*args[:-1], "3"]) == 0 and calls == []
     assert "knowledge/" in capsys.readouterr().out  # the table of what the file holds
+
+
+def test_a_generation_longer_than_the_context_stops_before_the_first_task(
+    run_copy, monkeypatch, capsys
+):
+    """--suite knowledge,commonsense,math on a 48-token model: math's 256 generated tokens
+    leave no context. One line before any task runs (nothing written), naming the tasks and
+    the flag that fits them; with that flag every task runs."""
+    import eval.tasks
+
+    calls: list = []
+    monkeypatch.setattr(eval.tasks, "run_suite", _fake_task(calls))
+    step = run_copy / "checkpoints" / "step_00000004"
+    args = ["--checkpoint", str(step), "--suite", "knowledge,commonsense,math", "--limit", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: svamp (max_gen_toks=256), gsm8k (max_gen_toks=256)"), err
+    assert "max_seq_len=48, nothing evaluated: pass --max-gen-toks below 48" in err
+    assert "\n" not in err and calls == [] and not (step / "results.json").exists()
+    assert main([*args, "--max-gen-toks", "40"]) == 0
+    assert [c[0] for c in calls] == list(eval.tasks.TASKS)
+    # a task's own length (knowledge: 32) is not the flag's: say so
+    calls.clear()
+    assert main([*args[:3], "triviaqa", "--max-gen-toks", "16", "--redo"]) == 0
+    short = ["--checkpoint", str(step), "--suite", "triviaqa", "--redo"]
+    monkeypatch.setattr("eval.lm_adapter.MopLM.max_length", property(lambda self: 32))
+    assert main(short) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "triviaqa (max_gen_toks=32)" in err and "triviaqa set their own length" in err
 
 
 def test_parse_suites():
