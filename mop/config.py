@@ -21,6 +21,9 @@ from mop.errors import ConfigError
 from mop.fileio import atomic_write_text
 
 T = TypeVar("T", bound=BaseModel)
+# The checkout the project runs from (installed editable): relative config paths that are not
+# in the working directory are looked up here, so `configs/...` works from any directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class StrictModel(BaseModel):
@@ -29,12 +32,22 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def find_config(path: str | os.PathLike) -> Path:
+    """A config file path: as given (relative to the working directory), else, for a relative
+    path not there, the same path in the repository (`configs/train/x.yaml` from anywhere)."""
     path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    given, path = path, find_config(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = "" if Path(given).is_absolute() else f" (nor under {REPO_ROOT})"
+        raise ConfigError(f"config file not found: {given}{where}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

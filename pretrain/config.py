@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mop.config import StrictModel, load_config
+from mop.config import StrictModel, find_config, load_config
 from mop.errors import ConfigError
 from pretrain.model.config import ModelConfig
 
@@ -239,12 +239,10 @@ class TrainConfig(StrictModel):
 
 def resolve_path(path: str) -> str:
     """A relative config path: the working directory first, then the repository root."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return str(p)
-    if (REPO_ROOT / p).exists():
-        return str(REPO_ROOT / p)
-    raise ConfigError(f"model config file not found: {path} (nor under {REPO_ROOT})")
+    p = find_config(path)
+    if not p.exists():
+        raise ConfigError(f"model config file not found: {path} (nor under {REPO_ROOT})")
+    return str(p)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mop.cli import ArgumentParser, examples
-from mop.config import StrictModel, read_yaml, validate
+from mop.config import StrictModel, find_config, read_yaml, validate
 from mop.errors import ConfigError, UserError, cli_entry
 from mop.results import RESULTS_FILE
 
@@ -167,9 +167,9 @@ def load_grid(path: str | Path) -> GridConfig:
     """Read and validate a grid YAML; model configs must exist (a typo fails before any run)."""
     grid = validate(GridConfig, read_yaml(path))
     for m in grid.models:
-        if not Path(m.config).is_file():
+        if not find_config(m.config).is_file():
             raise ConfigError(f"grid {path}: model {m.name}: config not found: {m.config}")
-    if grid.train_config and not Path(grid.train_config).is_file():
+    if grid.train_config and not find_config(grid.train_config).is_file():
         raise ConfigError(f"grid {path}: train_config not found: {grid.train_config}")
     return grid
 

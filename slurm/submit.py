@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from mop.cli import ArgumentParser, examples
-from mop.config import parse_args_with_overrides
+from mop.config import find_config, parse_args_with_overrides
 from mop.errors import ConfigError, UserError, cli_entry
 from slurm.container import Container, parse_container
 
@@ -142,7 +142,7 @@ def submit_sweep(
         raise UserError("a sweep names each run itself: use --runs-dir, not run_dir=")
     planned = []
     for model in models:  # every job's config is checked before the first is queued
-        if not Path(model).is_file():
+        if not find_config(model).is_file():
             raise UserError(f"model config not found: {model}")
         name = Path(model).stem
         run_dir = sweep_run_dir(runs_dir, model)

@@ -1,3 +1,5 @@
+import re
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -56,3 +58,25 @@ def test_save_resolved_roundtrip(tmp_path):
     save_resolved(cfg, tmp_path / "resolved.yaml")
     again = load_config(Outer, tmp_path / "resolved.yaml")
     assert again == cfg
+
+
+def test_a_relative_config_path_is_looked_up_in_the_repository_after_the_working_dir(
+    tmp_path, monkeypatch
+):
+    """`configs/...` as the README writes it works from any directory; a file of the same
+    name in the working directory wins; a missing one names both places."""
+    from mop.config import REPO_ROOT, find_config, read_yaml
+
+    monkeypatch.chdir(tmp_path)
+    rel = "configs/train/tiny_cpu.yaml"
+    assert find_config(rel) == REPO_ROOT / rel
+    assert read_yaml(rel)["max_steps"] == 40
+    local = tmp_path / rel
+    local.parent.mkdir(parents=True)
+    local.write_text("max_steps: 3\n")
+    assert find_config(rel) == Path(rel) and read_yaml(rel) == {"max_steps": 3}
+    missing = f"config file not found: configs/x.yaml (nor under {REPO_ROOT})"
+    with pytest.raises(ConfigError, match=re.escape(missing)):
+        read_yaml("configs/x.yaml")
+    with pytest.raises(ConfigError, match="config file not found: /nope/x.yaml$"):
+        read_yaml("/nope/x.yaml")
