@@ -10,6 +10,7 @@ problem into one `ConfigError` line naming the field, the value and what is allo
 from __future__ import annotations
 
 import copy
+import glob
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,22 @@ def find_config(path: str | os.PathLike) -> Path:
     if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
         return path
     return REPO_ROOT / path
+
+
+def find_configs(paths: list[str]) -> list[str]:
+    """Config paths from a command line, with the glob patterns the shell left as they were
+    (`configs/model/*.yaml` typed in another directory matches nothing there) matched in the
+    working directory, else in the repository; a pattern matching nothing stays as it is,
+    for the caller's "not found" error."""
+    out: list[str] = []
+    for path in paths:
+        if Path(path).exists() or not glob.has_magic(path) or Path(path).is_absolute():
+            out.append(path)
+            continue
+        here = sorted(glob.glob(path))
+        there = sorted(str(p) for p in REPO_ROOT.glob(path))
+        out += here or there or [path]
+    return out
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mop.cli import ArgumentParser, examples
-from mop.config import load_config, read_yaml
+from mop.config import find_configs, load_config, read_yaml
 from mop.errors import ConfigError, cli_entry
 from pretrain.model.config import ClassifierConfig, ModelConfig
 
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq_len is not None and args.seq_len < 1:
         raise ConfigError(f"--seq-len must be >= 1, got {args.seq_len}")
     rows = [
-        describe(p, args.set, args.seq_len, args.attention, args.classifier) for p in args.configs
+        describe(p, args.set, args.seq_len, args.attention, args.classifier)
+        for p in find_configs(args.configs)  # a glob the shell did not match: the repo's
     ]
     if args.json:
         for r in rows:

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from mop.cli import ArgumentParser, examples
-from mop.config import find_config, parse_args_with_overrides
+from mop.config import find_config, find_configs, parse_args_with_overrides
 from mop.errors import ConfigError, UserError, cli_entry
 from slurm.container import Container, parse_container
 
@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.config or not args.models:
             raise UserError("sweep needs a training config and --models (or --grid GRID)")
         args.models, moved = split_models(args.models)
+        args.models = find_configs(args.models)  # a glob the shell did not match: the repo's
         # in command-line order, so that the last of two values for one key wins
         given = list(sys.argv[1:] if argv is None else argv)
         args.overrides = sorted([*args.overrides, *moved], key=given.index)

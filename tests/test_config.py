@@ -80,3 +80,20 @@ def test_a_relative_config_path_is_looked_up_in_the_repository_after_the_working
         read_yaml("configs/x.yaml")
     with pytest.raises(ConfigError, match="config file not found: /nope/x.yaml$"):
         read_yaml("/nope/x.yaml")
+
+
+def test_a_glob_the_shell_left_unmatched_is_matched_in_the_repository(tmp_path, monkeypatch):
+    """`python -m pretrain.model_info configs/model/*.yaml` from another directory: bash passes
+    the pattern as it is; it is matched in the working directory first, then the repository."""
+    from mop.config import REPO_ROOT, find_configs
+
+    monkeypatch.chdir(tmp_path)
+    tiny = find_configs(["configs/model/tiny_*.yaml", "a.yaml"])
+    assert tiny == [str(REPO_ROOT / "configs/model/tiny_dense.yaml")] + [
+        str(REPO_ROOT / "configs/model/tiny_moe.yaml"),
+        "a.yaml",
+    ]
+    (tmp_path / "configs/model").mkdir(parents=True)
+    (tmp_path / "configs/model/tiny_mine.yaml").write_text("d_model: 8\n")
+    assert find_configs(["configs/model/tiny_*.yaml"]) == ["configs/model/tiny_mine.yaml"]
+    assert find_configs(["configs/model/none_*.yaml"]) == ["configs/model/none_*.yaml"]
