@@ -235,7 +235,8 @@ def _commands(
         return [cmd]
     train = ["python", "-m", "pretrain", "--config", str(grid.train_config)]
     train += [f"model={m.config}", *(f"model.{o}" for o in m.overrides)]
-    train += [f"data.data_dir={ddir}", f"data.seed={seed}", f"run_dir={rdir}"]
+    # The grid's seed drives the data (book, graphs), its order and the model's init.
+    train += [f"data.data_dir={ddir}", f"data.seed={seed}", f"seed={seed}", f"run_dir={rdir}"]
     train += [f"logging.run_name={m.name}", f"max_steps={steps}"]
     train += [f"{k}={_yaml_value(v)}" for k, v in grid.train.items()]
     ev = ["python", "-m", "eval", "--checkpoint", rdir, "--suite", "synthetic"]

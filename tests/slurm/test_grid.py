@@ -92,6 +92,7 @@ def test_lm_grid_trains_with_the_recipe_then_evaluates(tmp_path: Path) -> None:
     assert train[:5] == ["python", "-m", "pretrain", "--config", "configs/train/tiny_cpu.yaml"]
     assert "model=configs/model/tiny_dense.yaml" in train and "model.d_model=32" in train
     assert f"data.data_dir={runs[1].data_dir}" in train and "data.seed=3" in train
+    assert "seed=3" in train  # the model init follows the grid seed too
     assert "max_steps=100" in train and "optim.lr=0.003" in train
     assert ev == [
         "python", "-m", "eval", "--checkpoint", runs[1].run_dir, "--suite", "synthetic",
