@@ -35,6 +35,8 @@ SUMMARY_KEYS = ("kit", "smoke", "date", "device", "versions", "budget_s", "secon
 
 
 DEADLINE_ENV = "MOP_STEP_DEADLINE"  # epoch seconds at which the kit kills the step
+# bench/checkpoint_save.py on a ~1.1B-parameter dense model (issue 19 item 4)
+CHECKPOINT_1B = ["--d-model", "2048", "--layers", "16", "--vocab", "32000", "--saves", "1"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,12 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
             [py, "bench/moe_backends.py", "--experts", "8", "64", "--out", str(bench)],
             60,
         ),  # fmt: skip
+        # blocking time per save, sync vs async, ~1.1B params (issue 19: async < 1 s)
+        Step(
+            "checkpoint_save",
+            [py, "bench/checkpoint_save.py", *CHECKPOINT_1B, "--out", str(bench)],
+            120,
+        ),
     ]
 
 

@@ -408,6 +408,7 @@ def set_aside_after(target: Target, step: int, label: str) -> str | None:
     then checks and uses it. With no complete save of `step` or older nothing is moved and the
     pointer's tag is returned (None: no save). The spike rollback's way back (pretrain/spike.py)."""
     ckpt_dir, m = Path(target.ckpt_dir), target.mesh
+    wait(target)  # a save in flight would move the pointer after this
     current = read_pointer(ckpt_dir)
     newest = step_of(current) if current is not None and is_tag(current) else None
     tags = list_tags(ckpt_dir)

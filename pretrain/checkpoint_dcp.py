@@ -16,6 +16,7 @@ a bf16 run, exactly as DeepSpeed's `update_lp_params` casts them), rebuilt on lo
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ from pretrain.checkpoint_shards import (
     key_of,
     sharded_state,
 )
+
+# ShardedTensor is the DCP type that holds arbitrary boxes (DTensor only holds even splits of a
+# device mesh, not ZeRO's flat fragments); torch warns on each use that it is being phased
+# out: once per tensor per save, which would flood the logs. DCP's note that a single process
+# loads without a process group (eval) is what is meant too.
+warnings.filterwarnings(
+    "ignore", "Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning
+)
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
 
 DCP_DIR = "dcp"
 STATE_FILE = "state.pt"

@@ -245,8 +245,11 @@ def zero_fragments(engine) -> list[tuple[str, torch.Tensor, int, int, dict[str, 
     opt = engine.optimizer.optimizer
     if any(not opt.state[flat] for g in opt.param_groups for flat in g["params"]):
         init_zero_adam_state(engine, [0] * len(opt.param_groups), None)
-    if not engine.optimizer._hp_optimizer_states_linked:
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    # Link again: ZeRO links every group's fragments to the optimizer state right after the
+    # FIRST group's first step, when the later groups' state does not exist yet, and never
+    # again (their optim fragments stay empty). The links are views: relinking is cheap.
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
     out = []
     for name, p in engine.module.named_parameters():
         mapping = getattr(p, "_hp_mapping", None)

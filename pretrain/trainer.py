@@ -413,6 +413,8 @@ class CheckpointCallback(Callback):
                 {
                     "checkpoint": tag,
                     "checkpoint_blocking_s": done.blocking_s,
+                    # of which waiting for the previous save (one save in flight)
+                    "checkpoint_waited_s": done.waited_s,
                     "checkpoint_total_s": seconds,
                 },
             )

@@ -139,6 +139,7 @@ def test_the_gpu_call_installs_every_carried_file_offline(tmp_path, monkeypatch)
     plan = device_kit.steps(args, tmp_path / "work")
     assert [s.name for s in plan] == [
         "install", "build_kernels", "device", "tests_gpu", "train_throughput", "moe_backends",
+        "checkpoint_save",
     ]  # fmt: skip
     install = plan[0].cmd[-1]
     assert "--no-index" in install and all(str(p) in install for p in whl.iterdir())
