@@ -7,14 +7,17 @@ Weights use megablocks' GLU layout (`megablocks/layers/glu.py`, `SparseGLU`/`Gro
 so a checkpoint loads into either backend and the megablocks module can be handed our Parameters.
 
 - `torch` (reference, dropless, runs everywhere): sort the N*k assignments by expert, run each
-  expert on its contiguous slice, scatter-add the weighted outputs back. On CUDA with bf16 it
-  uses `torch._grouped_mm` when that works, else the per-expert loop.
+  expert on its contiguous slice, scatter-add the weighted outputs back. The experts run as one
+  `torch._grouped_mm` per matrix on CPU (its CPU kernel is the same per-expert `mm` in C++:
+  bit-identical to the loop, no host list of sizes, traceable by torch.compile) and on CUDA with
+  bf16 (the grouped kernel); else, or where torch refuses, a per-expert loop.
 - `megablocks`: megablocks' `ParallelDroplessMLP` (mlp_type='glu', mlp_impl='grouped') fed with
   OUR routing, so routing and aux losses are identical between backends.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -30,8 +33,22 @@ MEGABLOCKS_INSTALL_HINT = (
     "or set model.moe.backend=torch"
 )
 
-# None = not tried yet; False = failed once on this process (do not retry every layer).
+# None = not tried yet; False = torch._grouped_mm refused once on this process (a torch or a
+# device without it): the loop is used from then on, and the fallback said so once.
 _GROUPED_MM_OK: bool | None = None
+# What torch says when _grouped_mm cannot run these inputs here (a missing kernel, an old GPU,
+# a layout or dtype it does not take). Anything else (out of memory, a CUDA fault, a shape bug)
+# is a real failure and is raised, not hidden behind the slow loop.
+GROUPED_MM_REFUSALS = (
+    "not supported",  # e.g. "grouped gemm is not supported" / "only supported on sm90"
+    "only supported",
+    "not implemented",
+    "expected mat_",  # a dtype it does not take
+    "strides should be multiple",  # a width whose rows are not 16-byte aligned
+    "aligned to 16 bytes",
+)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # _grouped_mm's dtypes
+log = logging.getLogger(__name__)
 
 
 def _sorted_assignments(routing: Routing) -> tuple[Tensor, Tensor]:
@@ -45,17 +62,31 @@ def _expert_loop(xs: Tensor, counts: list[int], w1: Tensor, v1: Tensor, w2: Tens
     # Empty experts run too (on zero rows): the output then always depends on every local
     # expert, so under expert parallelism a rank that received no token still enters the
     # backward all_to_alls the other ranks wait in (skipping them would deadlock).
+    # unbind, not w1[e]: the backward of E index selects adds E zero-filled copies of the
+    # whole [E, f, d] weight (quadratic in E); unbind's backward stacks the E gradients once.
     outs = []
-    for e, chunk in enumerate(torch.split(xs, counts)):
-        h = F.silu(chunk @ w1[e].t()) * (chunk @ v1[e].t())
-        outs.append(h @ w2[e])
+    for chunk, g, u, d in zip(torch.split(xs, counts), w1.unbind(0), v1.unbind(0), w2.unbind(0)):
+        h = F.silu(chunk @ g.t()) * (chunk @ u.t())
+        outs.append(h @ d)
     return torch.cat(outs)
+
+
+def is_grouped_mm_refusal(exc: BaseException) -> bool:
+    """Whether `exc` from torch._grouped_mm means "cannot run here" (use the loop) rather than
+    a failure to raise."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, (NotImplementedError, TypeError)):  # no kernel; an older signature
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(p in msg for p in GROUPED_MM_REFUSALS)
 
 
 def _expert_grouped_mm(
     xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor
 ) -> Tensor | None:
-    """One grouped GEMM per matrix; None when torch._grouped_mm is missing or refuses."""
+    """One grouped GEMM per matrix; None when torch._grouped_mm is missing or refuses (logged
+    once per process). Any other error is raised."""
     global _GROUPED_MM_OK
     if _GROUPED_MM_OK is False or not hasattr(torch, "_grouped_mm"):
         return None
@@ -64,11 +95,41 @@ def _expert_grouped_mm(
         h1 = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
         h3 = torch._grouped_mm(xs, v1.transpose(-2, -1), offs=offs)
         out = torch._grouped_mm(F.silu(h1) * h3, w2, offs=offs)
-    except (RuntimeError, TypeError, NotImplementedError):
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        if not is_grouped_mm_refusal(exc):
+            raise
         _GROUPED_MM_OK = False
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning(
+            "torch._grouped_mm refused the MoE experts on %s %s (%s: %s); the per-expert loop "
+            "runs them from now on in this process (same results, slower)",
+            xs.device.type,
+            str(xs.dtype).removeprefix("torch."),
+            type(exc).__name__,
+            first_line,
+        )
         return None
     _GROUPED_MM_OK = True
     return out
+
+
+def grouped_mm_applies(xs: Tensor, weight: Tensor) -> bool:
+    """Where the experts go through torch._grouped_mm: on CPU (the loop's own mm, in C++) for
+    its dtypes, and on CUDA in bf16 (its grouped kernel; on CUDA in fp32 torch would only run
+    the same loop after reading the sizes to the host). Not when autocast would change the
+    matmul dtype on CPU (autocast does not cover _grouped_mm; the loop's matmuls follow it),
+    and under torch.compile only in bf16 (the op's meta kernel, which compile traces with,
+    refuses other dtypes in torch 2.13; the loop then breaks the graph at its host sizes)."""
+    if xs.is_cuda:
+        return compute_dtype(xs) == torch.bfloat16
+    if torch.compiler.is_compiling() and xs.dtype != torch.bfloat16:
+        return False
+    return (
+        xs.device.type == "cpu"
+        and xs.dtype in GROUPED_MM_DTYPES
+        and weight.dtype == xs.dtype
+        and compute_dtype(xs) == xs.dtype
+    )
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -86,19 +147,26 @@ def run_local_experts(
     v1: Tensor,
     w2: Tensor,
     use_grouped_mm: bool = True,
+    host_counts: list[int] | None = None,
 ) -> Tensor:
     """Rows `xs` grouped by expert (tokens_per_expert[e] rows for expert e, weights [E, f, d])
-    -> their SwiGLU outputs: one grouped GEMM per matrix on CUDA bf16 when allowed and
-    available, else a per-expert loop."""
-    if use_grouped_mm and xs.is_cuda and compute_dtype(xs) == torch.bfloat16:
-        bf16 = torch.bfloat16  # explicit casts: autocast does not cover torch._grouped_mm
-        ys = _expert_grouped_mm(
-            xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16)
-        )
+    -> their SwiGLU outputs: one grouped GEMM per matrix where `grouped_mm_applies` (and
+    `use_grouped_mm`), else a per-expert loop. `host_counts`: the same counts already on the
+    host (expert parallelism reads them with its split sizes), so the loop reads nothing."""
+    if use_grouped_mm and grouped_mm_applies(xs, w1):
+        ys = None
+        if xs.is_cuda:  # explicit casts: autocast does not cover torch._grouped_mm
+            bf16 = torch.bfloat16
+            ys = _expert_grouped_mm(
+                xs.to(bf16), tokens_per_expert, w1.to(bf16), v1.to(bf16), w2.to(bf16)
+            )
+        else:
+            ys = _expert_grouped_mm(xs, tokens_per_expert, w1, v1, w2)
         if ys is not None:
             return ys
-    # .tolist() syncs with the device: fine for the reference path.
-    return _expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
+    if host_counts is None:
+        host_counts = tokens_per_expert.tolist()  # a host sync on CUDA (the fallback only)
+    return _expert_loop(xs, host_counts, w1, v1, w2)
 
 
 def dispatch_combine(x: Tensor, routing: Routing, experts: Callable[[Tensor], Tensor]) -> Tensor:

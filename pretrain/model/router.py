@@ -42,8 +42,17 @@ class TopKRouter(nn.Module):
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(experts.flatten(), minlength=self.num_experts)
+        counts = count_ids(experts.flatten(), self.num_experts)
         return Routing(logits, probs, weights, experts, counts)
+
+
+def count_ids(ids: Tensor, n: int) -> Tensor:
+    """[n] int64: how often each of 0..n-1 occurs in `ids` (all < n). torch.bincount's result,
+    with a shape that does not depend on the values (bincount's does, so torch.compile breaks
+    its graph there); integer sums, so exact and deterministic on every device."""
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.int64)
+    )
 
 
 def load_balancing_loss(probs: Tensor, tokens_per_expert: Tensor, top_k: int) -> Tensor:
@@ -72,7 +81,7 @@ def expert_counts_per_row(experts: Tensor, rows: int, num_experts: int) -> Tenso
     n = experts.shape[0]
     row = torch.arange(n, device=experts.device) // max(1, n // max(1, rows))
     flat = (row[:, None] * num_experts + experts).flatten()
-    return torch.bincount(flat, minlength=rows * num_experts).view(rows, num_experts)
+    return count_ids(flat, rows * num_experts).view(rows, num_experts)
 
 
 @torch.no_grad()

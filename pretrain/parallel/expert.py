@@ -168,39 +168,54 @@ class ExpertParallelMoE(MoE):
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=ep.group)
         by_src = recv_counts.view(ep.size, local)
-        # One host sync for all split sizes (the exchange itself needs them on the host).
-        send = counts.view(ep.size, local).sum(1).tolist()
-        recv = by_src.sum(1).tolist()
+        # ONE device-to-host read per layer for every size on the host: the exchange's send
+        # and receive splits and the local experts' group sizes (gmm and the loop take them
+        # there). Under activation checkpointing the recomputed forward reads them again.
+        sizes = torch.cat((counts.view(ep.size, local).sum(1), by_src.sum(1), by_src.sum(0)))
+        host = sizes.tolist()
+        send, recv, local_counts = host[: ep.size], host[ep.size : 2 * ep.size], host[2 * ep.size :]
         xr = all_to_all(xs, send, recv, ep.group)  # [M, d], source-major
         # Regroup source-major -> local-expert-major (stable: source order kept inside).
         local_id = torch.repeat_interleave(
-            torch.arange(local, device=xr.device).repeat(ep.size), by_src.flatten()
+            torch.arange(local, device=xr.device).repeat(ep.size),
+            by_src.flatten(),
+            output_size=xr.shape[0],  # known on the host: no second read of the counts
         )
         perm = torch.argsort(local_id, stable=True)
-        yr = self._local_experts(xr[perm], by_src.sum(0))
+        yr = self._local_experts(xr[perm], by_src.sum(0), local_counts)
         back = torch.empty_like(yr).index_copy(0, perm, yr)  # undo the regrouping
         return all_to_all(back, recv, send, ep.group)  # rows in the sender's order again
 
-    def _local_experts(self, xs: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    def _local_experts(
+        self, xs: Tensor, tokens_per_expert: Tensor, host_counts: list[int]
+    ) -> Tensor:
         w1, v1, w2 = self.expert_weights()
-        return local_expert_gemm(self, xs)(xs, tokens_per_expert, w1, v1, w2)
+        run = local_expert_gemm(self, xs)
+        return run(xs, tokens_per_expert, w1, v1, w2, host_counts)
 
 
 def local_expert_gemm(layer: MoE, xs: Tensor):
     """The function that runs this rank's local experts on `xs` (grouped by local expert):
     with moe.backend=megablocks on CUDA bf16, grouped_gemm's `gmm`, the kernel megablocks'
-    own grouped MLP runs; else the torch backend's grouped GEMM (torch._grouped_mm on CUDA
-    bf16) or its loop. All take (xs, tokens_per_expert, w1, v1, w2) as views [E_local, f, d]."""
+    own grouped MLP runs; else the torch backend's (torch._grouped_mm where it applies, its
+    loop otherwise). All take (xs, tokens_per_expert, w1, v1, w2, host_counts) with weight
+    views [E_local, f, d] and the group sizes also as a host list (read once, see _exchange)."""
     cuda_bf16 = xs.is_cuda and compute_dtype(xs) == torch.bfloat16
     if layer._megablocks is not None and cuda_bf16 and xs.shape[0] > 0:
         return _gmm_experts
-    if layer.cfg.grouped_mm and cuda_bf16:
-        return run_local_experts  # torch._grouped_mm, the loop where it refuses
+    if layer.cfg.grouped_mm:
+        return _torch_experts
     return _loop_experts
 
 
 def _gmm_experts(
-    xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor, gmm=None
+    xs: Tensor,
+    tokens_per_expert: Tensor,
+    w1: Tensor,
+    v1: Tensor,
+    w2: Tensor,
+    host_counts: list[int] | None = None,
+    gmm=None,
 ) -> Tensor:
     """SwiGLU experts through grouped_gemm's gmm (megablocks' GroupedGLU does the same:
     x @ w1[e].T and x @ v1[e].T, then h @ w2[e]). gmm takes the group sizes on the host."""
@@ -208,15 +223,40 @@ def _gmm_experts(
         from grouped_gemm.ops import gmm
     dtype = compute_dtype(xs)
     x = xs.to(dtype)
-    sizes = tokens_per_expert.cpu()
+    sizes = (
+        torch.tensor(host_counts, dtype=torch.int64)
+        if host_counts is not None
+        else tokens_per_expert.cpu()
+    )
     h = F.silu(gmm(x, w1.to(dtype), sizes, trans_b=True)) * gmm(
         x, v1.to(dtype), sizes, trans_b=True
     )
     return gmm(h, w2.to(dtype), sizes)
 
 
-def _loop_experts(xs: Tensor, tokens_per_expert: Tensor, w1: Tensor, v1: Tensor, w2: Tensor):
-    return _expert_loop(xs, tokens_per_expert.tolist(), w1, v1, w2)
+def _torch_experts(
+    xs: Tensor,
+    tokens_per_expert: Tensor,
+    w1: Tensor,
+    v1: Tensor,
+    w2: Tensor,
+    host_counts: list[int] | None = None,
+) -> Tensor:
+    """The torch backend: torch._grouped_mm where it applies, else its loop."""
+    return run_local_experts(xs, tokens_per_expert, w1, v1, w2, host_counts=host_counts)
+
+
+def _loop_experts(
+    xs: Tensor,
+    tokens_per_expert: Tensor,
+    w1: Tensor,
+    v1: Tensor,
+    w2: Tensor,
+    host_counts: list[int] | None = None,
+) -> Tensor:
+    """The per-expert loop (moe.grouped_mm=false)."""
+    counts = host_counts if host_counts is not None else tokens_per_expert.tolist()
+    return _expert_loop(xs, counts, w1, v1, w2)
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:

@@ -112,3 +112,103 @@ def test_grouped_mm_path_matches_the_loop(monkeypatch):
     for a, b in zip(got, want):
         scale = b.float().abs().max()
         assert ((a.float() - b.float()).abs().max() / scale).item() < 2e-2
+
+
+def _expert_inputs(counts, dtype=torch.float32, d=32, f=48):
+    torch.manual_seed(0)
+    e = len(counts)
+    xs = torch.randn(sum(counts), d, dtype=dtype, requires_grad=True)
+    ws = [(torch.randn(e, f, d) / 6).to(dtype).requires_grad_() for _ in range(3)]
+    return xs, ws
+
+
+def test_cpu_runs_the_experts_as_grouped_gemms_bit_identical_to_the_loop(monkeypatch):
+    """On CPU the torch backend runs torch._grouped_mm (its CPU kernel is the loop's own mm):
+    the same bits as the per-expert loop, forward and backward, an empty expert included, and
+    no host list of sizes (nothing to sync, nothing that breaks a compiled graph)."""
+    from pretrain.model import moe_backends
+
+    monkeypatch.setattr(moe_backends, "_GROUPED_MM_OK", None)
+    counts = [5, 0, 11, 16]
+    xs, ws = _expert_inputs(counts)
+    calls = []
+    grouped = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host read"))
+    out = moe_backends.run_local_experts(xs, torch.tensor(counts), *ws)
+    monkeypatch.undo()
+    assert len(calls) == 3  # gate, up, down
+    ref = moe_backends._expert_loop(xs, counts, *ws)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), [xs, *ws])
+    want = torch.autograd.grad((ref * g).sum(), [xs, *ws])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_moe_layer_traces_into_one_graph():
+    """The layer as the CUDA bf16 path runs it (grouped GEMMs, counts without bincount) has no
+    graph break, so torch.compile gets it whole (also inside an activation checkpoint)."""
+    torch.manual_seed(0)
+    layer = _moe(d=32, f=48).to(torch.bfloat16)
+    x = torch.randn(2, 8, 32, dtype=torch.bfloat16)
+    ref, _ = layer(x)
+    y, _ = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        NotImplementedError(
+            "Could not run 'aten::_grouped_mm' with arguments from the 'CPU' backend"
+        ),
+        RuntimeError("grouped gemm is only supported on CUDA devices with compute capability 9.0"),
+        TypeError("_grouped_mm() got an unexpected keyword argument 'offs'"),
+    ],
+)
+def test_a_grouped_mm_refusal_falls_back_to_the_loop_and_says_so_once(monkeypatch, caplog, refusal):
+    from pretrain.model import moe_backends
+
+    monkeypatch.setattr(moe_backends, "_GROUPED_MM_OK", None)
+    tries = []
+
+    def refuse(*a, **k):
+        tries.append(1)
+        raise refusal
+
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    counts = [3, 4, 0, 5]
+    xs, ws = _expert_inputs(counts)
+    with caplog.at_level("WARNING", logger="pretrain.model.moe_backends"):
+        first = moe_backends.run_local_experts(xs, torch.tensor(counts), *ws)
+        second = moe_backends.run_local_experts(xs, torch.tensor(counts), *ws)
+    assert torch.equal(first, moe_backends._expert_loop(xs, counts, *ws))
+    assert torch.equal(second, first)
+    assert len(tries) == 1  # not retried on every layer
+    (record,) = caplog.records
+    assert "per-expert loop" in record.getMessage() and type(refusal).__name__ in record.message
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CPU out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+    ],
+)
+def test_a_grouped_mm_failure_is_raised_not_hidden_behind_the_loop(monkeypatch, caplog, failure):
+    from pretrain.model import moe_backends
+
+    monkeypatch.setattr(moe_backends, "_GROUPED_MM_OK", None)
+
+    def fail(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(torch, "_grouped_mm", fail)
+    counts = [3, 4, 0, 5]
+    xs, ws = _expert_inputs(counts)
+    with pytest.raises(type(failure), match=str(failure)[:20]):
+        moe_backends._expert_grouped_mm(xs, torch.tensor(counts), *ws)
+    assert moe_backends._GROUPED_MM_OK is None  # the next call tries the grouped GEMM again
+    assert not caplog.records

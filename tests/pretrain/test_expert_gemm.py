@@ -30,6 +30,10 @@ def test_gmm_experts_equal_the_loop():
     sizes = torch.tensor([3, 0, 5, 2])
     xs = torch.randn(int(sizes.sum()), d, dtype=torch.float64)
     got = expert._gmm_experts(xs, sizes, w1, v1, w2, gmm=reference_gmm)
+    assert torch.equal(
+        expert._gmm_experts(xs, sizes, w1, v1, w2, host_counts=sizes.tolist(), gmm=reference_gmm),
+        got,
+    )
     want = _expert_loop(xs, sizes.tolist(), w1, v1, w2)
     torch.testing.assert_close(got, want)
 
@@ -37,6 +41,8 @@ def test_gmm_experts_equal_the_loop():
 def test_the_chooser_keeps_the_torch_path_off_cuda():
     mb = SimpleNamespace(_megablocks=object(), cfg=MoEConfig(backend="megablocks"))
     plain = SimpleNamespace(_megablocks=None, cfg=MoEConfig())
+    loop = SimpleNamespace(_megablocks=None, cfg=MoEConfig(grouped_mm=False))
     xs = torch.randn(3, 4, dtype=torch.bfloat16)
-    assert expert.local_expert_gemm(mb, xs) is expert._loop_experts
-    assert expert.local_expert_gemm(plain, xs) is expert._loop_experts
+    assert expert.local_expert_gemm(mb, xs) is expert._torch_experts
+    assert expert.local_expert_gemm(plain, xs) is expert._torch_experts
+    assert expert.local_expert_gemm(loop, xs) is expert._loop_experts
