@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.manifest import FORMAT, MANIFEST, PLAN, shard_relpath, write_manifest
-from data_prep.merge import _allocate, write_validation
 from data_prep.mixture import plan_shares
 from data_prep.shards import BIN, IDX, ShardReader, check_structure, shard_file, write_index
 from data_prep.tokenizer import META_FILE, TextTokenizer
+from data_prep.validation import allocate, write_validation
 from mop.errors import ConfigError, DataError
 from mop.fileio import atomic_write_json, read_json, sha256_file
 from mop.progress import progress
@@ -74,7 +74,7 @@ def source_labels(prefixes: list[str], names: list[str] | None) -> list[str]:
             f"--source names {len(names)} source(s) for {len(prefixes)} --prefix; give one "
             "name per prefix, in the same order"
         )
-    labels = names or [Path(p).name for p in prefixes]
+    labels = names or [prefix_path(p).name for p in prefixes]
     for label in labels:
         if not label or "/" in label or label.startswith("."):
             raise ConfigError(f"--source {label!r}: a source name is a plain file name")
@@ -108,9 +108,17 @@ def check_out_dir(out: Path, tok: TextTokenizer) -> None:
         )
 
 
-def open_source(label: str, prefix: str, vocab_size: int) -> Source:
-    """Read and check one Megatron prefix in full (index structure, ids, sha256)."""
+def prefix_path(prefix: str) -> Path:
+    """The absolute prefix; `x.bin` or `x.idx` named instead of `x` is taken as `x`."""
     p = Path(prefix).absolute()
+    if p.suffix in (BIN, IDX) and p.is_file():
+        p = p.with_suffix("")
+    return p
+
+
+def open_source(label: str, prefix: str) -> Source:
+    """Open one Megatron prefix and check its index in full against its .bin."""
+    p = prefix_path(prefix)
     for suffix in (BIN, IDX):
         if not shard_file(p, suffix).is_file():
             raise DataError(f"--prefix {prefix}: {p.name + suffix} not found in {p.parent}")
@@ -206,10 +214,10 @@ def import_megatron(
         raise ConfigError(f"--weights needs {len(prefixes)} non-negative number(s), one per prefix")
     tok = TextTokenizer(tokenizer)
     check_out_dir(out, tok)
-    sources = [open_source(label, p, tok.vocab_size) for label, p in zip(labels, prefixes)]
+    sources = [open_source(label, p) for label, p in zip(labels, prefixes)]
     weight = {s.label: (weights[i] if weights else float(s.reader.num_tokens)) for i, s in
               enumerate(sources)}  # fmt: skip
-    wanted = dict(zip(labels, _allocate(validation_sequences, list(weight.values()))))
+    wanted = dict(zip(labels, allocate(validation_sequences, list(weight.values()))))
     for src in sources:
         choose_heldout(src, wanted[src.label] * validation_seq_len)
     total = sum(s.reader.num_tokens for s in sources)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,12 @@ from data_prep.config import DataPrepConfig
 from data_prep.manifest import FORMAT, PLAN, fragment_path, write_manifest
 from data_prep.mixture import plan_mixture
 from data_prep.pipeline import list_work
-from data_prep.shards import ShardReader, ShardWriter, verify_shard
+from data_prep.shards import ShardReader, verify_shard
 from data_prep.tokenizer import load_tokenizer_dir
+from data_prep.validation import allocate, write_validation
 from mop.errors import DataError
 from mop.fileio import atomic_write_json, read_json
 from mop.progress import progress
-
-VALIDATION_STEM = "validation/sequences"
 
 
 def merge(cfg: DataPrepConfig, verify: bool = True) -> dict:
@@ -96,19 +94,6 @@ def merge(cfg: DataPrepConfig, verify: bool = True) -> dict:
     return manifest
 
 
-def _allocate(total: int, weights: list[float]) -> list[int]:
-    """Split `total` by weight with the largest-remainder rule (sums exactly to total)."""
-    wsum = sum(weights)
-    if wsum <= 0:
-        return [0] * len(weights)
-    raw = [total * w / wsum for w in weights]
-    counts = [int(r) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
 def build_validation(cfg: DataPrepConfig, out: Path, shards: list[dict], dtype) -> dict:
     """Fixed validation sequences cut from the held-out documents, mixed by source weight."""
 
@@ -117,50 +102,6 @@ def build_validation(cfg: DataPrepConfig, out: Path, shards: list[dict], dtype) 
             yield np.asarray(ShardReader(out / rec["path"], rec["dtype"]).tokens)
 
     labels = [s.label for s in cfg.sources]
-    wanted = _allocate(cfg.validation.num_sequences, [s.weight for s in cfg.sources])
+    wanted = allocate(cfg.validation.num_sequences, [s.weight for s in cfg.sources])
     chunks = {label: heldout(label) for label in labels}
     return write_validation(out, dtype, cfg.validation.seq_len, dict(zip(labels, wanted)), chunks)
-
-
-def write_validation(
-    out: Path,
-    dtype,
-    seq_len: int,
-    wanted: dict[str, int],
-    heldout: dict[str, Iterable],
-    tag: str = "merge",
-    short_hint: str = "raise validation.fraction",
-) -> dict:
-    """`validation/sequences`: per source, its held-out token chunks (in order) concatenated
-    and cut into `wanted[label]` sequences of `seq_len`; returns the manifest record."""
-    writer = ShardWriter(out / VALIDATION_STEM, dtype)
-    per_source = {}
-    try:
-        for label, want in wanted.items():
-            got = 0
-            buf = np.zeros(0, dtype=dtype)
-            for tokens in heldout[label]:
-                if got >= want:
-                    break
-                buf = np.concatenate([buf, tokens])
-                while len(buf) >= seq_len and got < want:
-                    writer.add(buf[:seq_len])
-                    buf = buf[seq_len:]
-                    got += 1
-            if got < want:
-                print(
-                    f"[{tag}] warning: source {label!r} has held-out tokens for {got} of "
-                    f"{want} validation sequences; {short_hint}"
-                )
-            per_source[label] = got
-        record = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    return {
-        **record,
-        "path": VALIDATION_STEM,
-        "seq_len": seq_len,
-        "num_sequences": record["documents"],
-        "per_source": per_source,
-    }

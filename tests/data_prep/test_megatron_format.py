@@ -23,7 +23,7 @@ from data_prep import megatron_import
 from data_prep.manifest import MANIFEST, load_manifest
 from data_prep.merge import merge
 from data_prep.pipeline import run_tokenize_task, run_tokenizer_stage
-from data_prep.shards import ShardReader, ShardWriter, read_index, shard_file
+from data_prep.shards import HEADER, ShardReader, ShardWriter, read_index, shard_file
 from data_prep.tokenizer import char_tokenizer
 from data_prep.verify import verify_data_dir
 from mop.errors import DataError
@@ -213,8 +213,8 @@ def test_symlink_when_no_hard_link_and_the_source_moves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(megatron_import.os, "link", no_link)
     out = tmp_path / "out"
-    m = megatron_import.import_megatron(
-        [str(tmp_path / "c")], str(tok_path), str(out), validation_sequences=0
+    m = megatron_import.import_megatron(  # the .bin named instead of the prefix: the same
+        [str(tmp_path / "c.bin")], str(tok_path), str(out), validation_sequences=0
     )
     rec = m["shards"][0]
     assert m["sources"]["c"]["imported"]["link"] == "symlink"
@@ -248,7 +248,7 @@ def test_damaged_megatron_index_refused_in_one_line(tmp_path, how, message):
     megatron_write(prefix, random_docs(np.random.default_rng(3), 20, vocab, eos), np.uint16)
     idx = tmp_path / "d.idx"
     n = read_index(idx).num_sequences
-    pointers_at = 34 + 4 * n
+    pointers_at = HEADER.size + 4 * n  # the i32 lengths precede the i64 pointers
     if how == "header":
         _damage(idx, 0, b"XXIDIDX")
     elif how == "version":
