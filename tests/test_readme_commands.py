@@ -131,7 +131,8 @@ SAFE: dict[str, Safe] = {
         "vocab_size: 64",
     ),
     "python -m slurm.submit sweep configs/train/synthetic.yaml --models configs/model/synth12_dense_*.yaml configs/model/synth12_moe_*.yaml --runs-dir runs/pb_1e5 --eval synthetic data.data_dir=data/phonebook_1e5 model.vocab_size=64": Safe(
-        expect="submitted 107", why="sbatch is a stand-in that records the jobs"
+        expect="eval.sbatch runs/pb_1e5/synth12_moe_d256_e8 --suite synthetic",
+        why="sbatch is a stand-in that records the jobs",
     ),
     # ---- evaluation: no trained run here; every flag and suite is parsed first
     "python -m eval --checkpoint runs/moe_d512_e8 --suite ppl": Safe(
@@ -175,7 +176,8 @@ SAFE: dict[str, Safe] = {
         expect="grid.sbatch configs/reproduce/phonebook_gpu.yaml report"
     ),
     "python -m slurm.submit sweep --grid configs/reproduce/phonebook_gpu.yaml": Safe(
-        expect="submitted 103", why="sbatch is a stand-in that records the jobs"
+        expect="grid.sbatch configs/reproduce/phonebook_gpu.yaml report",
+        why="sbatch is a stand-in that records the jobs",
     ),
     # ---- GPU checks: scripts of the checkout; fetching needs the package index and running
     # needs the GPU machine: parsed here, and `--smoke` is run by tests/bench/test_device_kit.py
