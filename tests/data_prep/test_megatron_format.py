@@ -342,3 +342,23 @@ def test_interrupted_upgrade_is_finished_by_a_rerun(tokenized, tmp_path):
     rewritten, current = upgrade_data_dir(legacy)
     assert current == 1 and rewritten == len(list(legacy.rglob("*.idx"))) - 1
     verify_data_dir(legacy)
+
+
+def test_shard_size_check_of_an_imported_source(tmp_path):
+    """check_shard_size (O(1), for pretrain.doctor --fast): an imported shard's .bin holds its
+    held-out tail too, so the size check reads the index, not bytes / itemsize."""
+    from data_prep.shards import check_shard_size
+
+    tok_path, vocab, eos = _tokenizer(tmp_path)
+    megatron_write(tmp_path / "c", random_docs(np.random.default_rng(4), 60, vocab, eos), np.int32)
+    m = megatron_import.import_megatron(
+        [str(tmp_path / "c")], str(tok_path), str(tmp_path / "out"), validation_sequences=2,
+        validation_seq_len=8,
+    )  # fmt: skip
+    rec = m["shards"][0]
+    stem = tmp_path / "out" / rec["path"]
+    assert os.path.getsize(shard_file(stem, ".bin")) > rec["tokens"] * 4  # the tail is there
+    assert rec["dtype"] == "int32" != m["tokenizer"]["dtype"]  # Megatron's dtype, not ours
+    check_shard_size(stem, rec)
+    with pytest.raises(DataError, match="manifest says"):
+        check_shard_size(stem, {**rec, "tokens": rec["tokens"] + 1})
