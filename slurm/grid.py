@@ -104,6 +104,9 @@ class GridConfig(StrictModel):
     # memorization: extra `python -m pretrain.memorization` flags (lr, batch_size, log_every);
     # LM tasks: dotted overrides of the training recipe (`optim.lr: 1e-3`).
     train: dict[str, Any] = Field(default_factory=dict)
+    # More of the same, per size, after `train` (a batch that keeps the steps per pass of a
+    # book fixed: {125: {batch.micro_batch: 25}, 250: {batch.micro_batch: 50}}).
+    train_by_size: dict[int, dict[str, Any]] = Field(default_factory=dict)
     train_config: str | None = None  # the LM tasks' recipe (configs/train/*.yaml)
     eval_args: list[str] = Field(default_factory=list)  # extra `python -m eval` arguments
     threshold: float = Field(0.9, ge=0.0, le=1.0)  # report: "memorized" at this accuracy
@@ -132,6 +135,9 @@ class GridConfig(StrictModel):
             missing = [s for s in self.sizes if s not in self.steps]
             if missing:
                 raise ValueError(f"steps has no budget for sizes {missing}")
+        stray = sorted(set(self.train_by_size) - set(self.sizes))
+        if stray:
+            raise ValueError(f"train_by_size names sizes {stray} that are not in sizes")
         if self.task != "memorization" and not self.train_config:
             raise ValueError(f"task {self.task} needs train_config (a configs/train/*.yaml)")
         return self
@@ -228,9 +234,10 @@ def _commands(
     grid: GridConfig, m: GridModel, size: int, seed: int, ddir: str, rdir: str
 ) -> list[list[str]]:
     steps = str(grid.steps_for(size))
+    train_args = {**grid.train, **grid.train_by_size.get(size, {})}
     if grid.task == "memorization":
         cmd = ["python", "-m", "pretrain.memorization", "--data", ddir, "--model", m.config]
-        cmd += [*m.overrides, "--steps", steps, "--seed", str(seed), *_flags(grid.train)]
+        cmd += [*m.overrides, "--steps", steps, "--seed", str(seed), *_flags(train_args)]
         cmd += ["--name", m.name, "--out", rdir]
         return [cmd]
     train = ["python", "-m", "pretrain", "--config", str(grid.train_config)]
@@ -238,7 +245,7 @@ def _commands(
     # The grid's seed drives the data (book, graphs), its order and the model's init.
     train += [f"data.data_dir={ddir}", f"data.seed={seed}", f"seed={seed}", f"run_dir={rdir}"]
     train += [f"logging.run_name={m.name}", f"max_steps={steps}"]
-    train += [f"{k}={_yaml_value(v)}" for k, v in grid.train.items()]
+    train += [f"{k}={_yaml_value(v)}" for k, v in train_args.items()]
     ev = ["python", "-m", "eval", "--checkpoint", rdir, "--suite", "synthetic"]
     ev += ["--name", m.name, *grid.eval_args]
     return [train, ev]

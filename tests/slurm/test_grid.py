@@ -371,3 +371,27 @@ def test_jobs_a_failure_lets_running_runs_finish_then_stops(tmp_path, monkeypatc
     assert finished == [names[1]]  # the run beside the failing one finished; none started after
     with pytest.raises(UserError, match="--jobs must be >= 1"):
         G.run_local(grid, jobs=0)
+
+
+def test_train_by_size_overrides_the_shared_flags_for_one_size(tmp_path: Path) -> None:
+    path = _write_grid(
+        tmp_path / "pb.yaml",
+        task="phonebook",
+        sizes=[500, 1000],
+        seeds=[0],
+        models=[{"name": "tiny", "config": "configs/model/tiny_dense.yaml"}],
+        steps=100,
+        data={},
+        train={"optim.lr": 0.003, "batch.micro_batch": 8},
+        train_by_size={1000: {"batch.micro_batch": 16}},
+        train_config="configs/train/tiny_cpu.yaml",
+    )
+    small, big = G.expand(G.load_grid(path))
+    assert "batch.micro_batch=8" in small.commands[0]
+    assert (
+        "batch.micro_batch=16" in big.commands[0] and "batch.micro_batch=8" not in big.commands[0]
+    )
+    assert "optim.lr=0.003" in big.commands[0]
+    bad = _write_grid(tmp_path / "bad.yaml", train_by_size={999: {"lr": 0.1}})
+    with pytest.raises(UserError, match=r"train_by_size names sizes \[999\]"):
+        G.load_grid(bad)
