@@ -69,3 +69,37 @@ def test_model_info_cli_table_and_json(capsys):
     assert dense["total_params"] == dense["active_params"]
     assert moe["total_params"] > moe["active_params"] > dense["active_params"]
     assert model_info_main([str(root / "missing.yaml")]) == 2
+
+
+def test_model_info_counts_classifier_configs_as_pretrain_memorization_does(capsys):
+    """One count per model: a YAML with input_dim (the demo's pair), or any YAML with
+    --classifier, is counted as the sequence classifier that pretrain.memorization builds and
+    records in results.json (what the demo's verdict prints), equal to its real parameters."""
+    from pathlib import Path
+
+    from pretrain.memorization import load_classifier_config, model_header
+    from pretrain.model.classifier import build_classifier
+
+    root = Path(__file__).parents[2] / "configs" / "model"
+    cases = [("demo_mem_dense.yaml", []), ("demo_mem_moe16.yaml", [])]
+    cases += [("synth12_moe_d256_e8.yaml", ["--classifier"])]
+    for name, flags in cases:
+        assert model_info_main([str(root / name), *flags, "--json"]) == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        cfg = load_classifier_config(str(root / name), [], 32, 2)
+        header = model_header(cfg, name)
+        assert row["counted_as"] == "classifier (input_dim 32)", row
+        assert (row["total_params"], row["active_params"]) == (
+            header["total_params"],
+            header["active_params"],
+        )
+        assert row["total_params"] == _numel(build_classifier(cfg)), name
+    # the demo's pair, as its verdict line prints them
+    assert (
+        model_info_main([str(root / "demo_mem_dense.yaml"), str(root / "demo_mem_moe16.yaml")]) == 0
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert "3.15K   3.15K" in table[2] and "14.16K  3.41K" in table[3], table
+    # without --classifier a shared YAML is the decoder LM (embeddings and LM head)
+    assert model_info_main([str(root / "synth12_moe_d256_e8.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counted_as"] == "LM"
