@@ -5,6 +5,7 @@ Exit codes (the README's "When something goes wrong" lists them for users):
   3   bad data: a file that is missing, damaged or inconsistent (`DataError`)
  65   training stopped: too many non-finite steps in a row (pretrain/trainer.py)
  66   damaged state: no intact checkpoint left to resume from (`DamagedStateError`)
+ 67   training stopped: repeated loss spikes after spike.max_rollbacks rollbacks (pretrain/spike.py)
  75   stopped by a signal after a checkpoint: requeue the job (EX_TEMPFAIL, pretrain/stop.py)
 130   interrupted (Ctrl-C)
 """
@@ -12,6 +13,7 @@ Exit codes (the README's "When something goes wrong" lists them for users):
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -56,7 +58,14 @@ def cli_entry(main: F) -> F:
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            code = main(*args, **kwargs)
+            sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
+            return code
+        except BrokenPipeError:
+            # `... --dry-run | head`: the reader closed the pipe; stop quietly, as a process
+            # killed by SIGPIPE would, and keep Python's exit-time flush from raising again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except UserError as exc:
             sys.stdout.flush()  # what was printed before stays before the error line
             print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
