@@ -4,15 +4,16 @@
     python -m slurm.submit sweep --grid configs/reproduce/phonebook_gpu.yaml [--dry-run]
     python -m slurm.grid GRID --stage data|run|report [--index I]   # one SLURM array task
 
-The YAML (`GridConfig`) names a task (memorization | phonebook | shortest_path), the sizes
-(book sizes, training-set sizes or n), the models (a model YAML each, plus overrides, and
-optionally the subset of sizes it runs: a phone book straddles each model's own capacity),
-the seeds and the budget. Every (size, seed) gets one data directory, every (model, size,
+The YAML (`GridConfig`) names a task (memorization | phonebook | shortest_path |
+length2_path), the sizes (book sizes, training-set sizes, n, or the graph size |V| of
+length2_path, whose training-set size is `data: {size: N}`), the models (a model YAML each,
+plus overrides, and optionally the subset of sizes it runs: a phone book straddles each
+model's own capacity), the seeds and the budget. Every (size, seed) gets one data directory, every (model, size,
 seed) one run directory; each run is the project's ordinary CLI, so the commands printed
 here are the ones a user would type:
 
 - memorization: `python -m data_prep synthetic memorization` then `python -m pretrain.memorization`
-  (it writes results.json itself);
+  (it writes results.json itself); length2_path the same with `synthetic length2-path`;
 - phonebook / shortest_path: `python -m data_prep synthetic ...`, `python -m pretrain` on the
   grid's training recipe, then `python -m eval --suite synthetic`.
 
@@ -50,19 +51,30 @@ from mop.config import StrictModel, find_config, read_yaml, validate
 from mop.errors import ConfigError, UserError, cli_entry
 from mop.results import RESULTS_FILE
 
-TASKS = ("memorization", "phonebook", "shortest_path")
+TASKS = ("memorization", "phonebook", "shortest_path", "length2_path")
+# Tasks trained by the one-layer sequence classifier (`python -m pretrain.memorization`).
+CLASSIFIER_TASKS = ("memorization", "length2_path")
 # results.json `synthetic` section of each task, and the headline metric for progress lines.
 SECTION = {
     "memorization": "memorization",
     "phonebook": "phonebook",
     "shortest_path": "shortest_path",
+    "length2_path": "length2_path",
 }
-METRIC = {"memorization": "accuracy", "phonebook": "accuracy", "shortest_path": "exact_match"}
+METRIC = {
+    "memorization": "accuracy",
+    "phonebook": "accuracy",
+    "shortest_path": "exact_match",
+    "length2_path": "accuracy",  # on the held-out graphs
+}
 GENERATOR = {
     "memorization": "memorization",
     "phonebook": "phonebook",
     "shortest_path": "shortest-path",
+    "length2_path": "length2-path",
 }
+# The generator flag that the grid's sizes set (--size unless named here).
+SIZE_FLAG = {"length2_path": "--vertices"}
 GRID_SCRIPT = "grid.sbatch"
 
 
@@ -91,7 +103,7 @@ class GridSlurm(StrictModel):
 
 
 class GridConfig(StrictModel):
-    task: Literal["memorization", "phonebook", "shortest_path"]
+    task: Literal["memorization", "phonebook", "shortest_path", "length2_path"]
     runs_dir: str
     report_dir: str | None = None  # default RUNS_DIR/report
     sizes: list[int] = Field(min_length=1)
@@ -138,7 +150,7 @@ class GridConfig(StrictModel):
         stray = sorted(set(self.train_by_size) - set(self.sizes))
         if stray:
             raise ValueError(f"train_by_size names sizes {stray} that are not in sizes")
-        if self.task != "memorization" and not self.train_config:
+        if self.task not in CLASSIFIER_TASKS and not self.train_config:
             raise ValueError(f"task {self.task} needs train_config (a configs/train/*.yaml)")
         return self
 
@@ -208,7 +220,8 @@ def data_jobs(grid: GridConfig) -> list[DataJob]:
         for seed in grid.seeds:
             out = data_dir(grid, size, seed)
             cmd = ["python", "-m", "data_prep", "synthetic", GENERATOR[grid.task]]
-            cmd += ["--out", out, "--size", str(size), "--seed", str(seed), *_flags(grid.data)]
+            size_flag = SIZE_FLAG.get(grid.task, "--size")
+            cmd += ["--out", out, size_flag, str(size), "--seed", str(seed), *_flags(grid.data)]
             jobs.append(DataJob(size, seed, out, cmd))
     return jobs
 
@@ -235,7 +248,7 @@ def _commands(
 ) -> list[list[str]]:
     steps = str(grid.steps_for(size))
     train_args = {**grid.train, **grid.train_by_size.get(size, {})}
-    if grid.task == "memorization":
+    if grid.task in CLASSIFIER_TASKS:
         cmd = ["python", "-m", "pretrain.memorization", "--data", ddir, "--model", m.config]
         cmd += [*m.overrides, "--steps", steps, "--seed", str(seed), *_flags(train_args)]
         cmd += ["--name", m.name, "--out", rdir]
@@ -254,7 +267,7 @@ def _commands(
 def check_runs(grid: GridConfig) -> None:
     """Validate every LM run's training config (recipe + its overrides) before anything runs,
     so a bad override fails here in one line, not after hours of other runs or in the queue."""
-    if grid.task == "memorization":
+    if grid.task in CLASSIFIER_TASKS:
         return
     from mop.config import load_config
     from pretrain.config import TrainConfig

@@ -84,6 +84,34 @@ def test_expansion_names_every_run_and_its_commands(tmp_path: Path) -> None:
     assert cmd[cmd.index("--lr") + 1] == "0.01" and "--log-every" in cmd
 
 
+def test_length2_path_grid_sizes_are_graph_sizes(tmp_path: Path) -> None:
+    """The length-2-path grid's sizes set --vertices (the training set is `data.size`) and its
+    runs are the classifier's, like memorization's."""
+    path = _write_grid(
+        tmp_path / "l2p.yaml",
+        task="length2_path",
+        sizes=[12, 16],
+        seeds=[0],
+        steps=20,
+        data={"size": 2000, "num_test": 100},
+        train={"lr": 0.003, "batch_size": 64, "schedule": "cosine"},
+    )
+    grid = G.load_grid(path)
+    jobs, runs = G.data_jobs(grid), G.expand(grid)
+    assert jobs[0].command == [
+        "python", "-m", "data_prep", "synthetic", "length2-path", "--out", jobs[0].out,
+        "--vertices", "12", "--seed", "0", "--size", "2000", "--num-test", "100",
+    ]  # fmt: skip
+    assert [r.name for r in runs] == [
+        "dense_f32-n12-s0", "moe_e16_f16-n12-s0", "dense_f32-n16-s0", "moe_e16_f16-n16-s0",
+    ]  # fmt: skip
+    (cmd,) = runs[0].commands
+    assert cmd[:3] == ["python", "-m", "pretrain.memorization"]
+    assert cmd[cmd.index("--schedule") + 1] == "cosine"
+    assert G.METRIC[grid.task] == "accuracy" and G.SECTION[grid.task] == "length2_path"
+    G.check_runs(grid)  # no LM recipe to check
+
+
 def test_lm_grid_trains_with_the_recipe_then_evaluates(tmp_path: Path) -> None:
     grid = _lm_grid(tmp_path)
     runs = G.expand(grid)
