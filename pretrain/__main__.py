@@ -23,7 +23,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -34,7 +33,13 @@ from mop.errors import cli_entry
 from pretrain.config import TrainConfig, derived_sizes, resolve_precision
 from pretrain.console import Console, filter_known_chatter, model_label, quiet_third_party
 from pretrain.deepspeed_config import deepspeed_config
-from pretrain.launch import dist_env, init_distributed, prepare_env
+from pretrain.launch import (
+    dist_env,
+    init_distributed,
+    prepare_env,
+    reproducibility_line,
+    set_determinism,
+)
 
 HELP_NOTES = """\
 Override any config field: dotted key=value after the options (values are YAML), e.g.
@@ -109,8 +114,8 @@ def train(
     from pretrain.data import TrainData, ValidationSet, open_manifest
     from pretrain.deepspeed_compat import keep_stage0_grad_norm
     from pretrain.metrics import MetricsLogger
-    from pretrain.model.transformer import build_model
-    from pretrain.parallel import build_mpu, init_process_groups, parallelize
+    from pretrain.parallel import build_mpu, init_process_groups
+    from pretrain.parallel.meta_build import build_parallel_model
     from pretrain.schedule import lr_multiplier
     from pretrain.trainer import (
         CheckpointCallback,
@@ -135,15 +140,7 @@ def train(
     if cfg.deterministic:
         # torch imports its compiler stack here (torch._inductor): seconds on a busy CPU.
         console.phase("enabling deterministic algorithms")
-        if cuda:
-            # cuBLAS is deterministic only with a fixed workspace; without it every matmul
-            # warns under warn_only. Read at the first cuBLAS call, which comes later.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every torch.empty with NaN; ZeRO allocates its
-        # gradient buckets (hundreds of MB) with torch.empty on each step and overwrites them,
-        # so the fill only costs time (seconds per step on CPU).
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        set_determinism(cfg.deterministic, cuda)
     data = TrainData(
         cfg.data.data_dir, manifest, cfg.data, pad_multiple=mesh.tp, vocab_size=cfg.model.vocab_size
     )
@@ -160,9 +157,10 @@ def train(
 
     console.phase("building the model")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
-    # Initialised where it trains: drawing 11B weights (E=64) on the host took minutes.
-    with torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"):
-        model = parallelize(build_model(cfg.model), cfg, mesh)
+    # Initialised where it trains (drawing 11B weights (E=64) on the host took minutes), and
+    # under tensor/expert parallel only this rank's shards, the slices of the plain model.
+    device = torch.device("cuda", device_index) if cuda else torch.device("cpu")
+    model = build_parallel_model(cfg, mesh, device)
 
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(
@@ -225,6 +223,7 @@ def train(
             ProfilerCallback(profile, cfg.run_dir, de.rank, trainer.state.step)
         )
     console.banner(trainer, model_name, "bf16" if ds_cfg.get("bf16") else "fp32", tag)
+    console.line(reproducibility_line(cfg.deterministic, cuda))
     if de.rank == 0 and data.packing == "document":
         print("[train] document packing: one document per sample at position 0", flush=True)
     try:

@@ -181,7 +181,10 @@ class TrainConfig(StrictModel):
     max_nonfinite_in_a_row: int = Field(5, ge=1)
     run_dir: str
     seed: int = Field(0, ge=0)  # model init and per-rank RNG seeds
-    deterministic: bool = True  # torch.use_deterministic_algorithms (exact resume)
+    # torch.use_deterministic_algorithms: true (warn_only: bitwise on a CPU, up to kernel
+    # nondeterminism on CUDA), strict (bitwise on CUDA too: errors on an op without a
+    # deterministic kernel), false. pretrain/launch.py set_determinism.
+    deterministic: bool | Literal["strict"] = True
 
     @field_validator("model", mode="before")
     @classmethod

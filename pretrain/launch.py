@@ -122,6 +122,43 @@ def init_distributed(de: DistEnv, cuda: bool, timeout_minutes: float = 10.0) -> 
     return device
 
 
+def set_determinism(mode: bool | str, cuda: bool) -> None:
+    """torch's deterministic algorithms as `deterministic` (the config) asks: false: off;
+    true: on, with warn_only (an op without a deterministic kernel warns and runs anyway);
+    "strict": on for real (such an op is an error, and SDPA's flash / memory-efficient
+    backward take their deterministic variants). On a CPU `true` is already bitwise exact;
+    on CUDA only `strict` is (see `reproducibility_line`). Call before building the model."""
+    if not mode:
+        return
+    import torch
+
+    if cuda:
+        # cuBLAS is deterministic only with a fixed workspace; without it every matmul warns
+        # in deterministic mode. Read at the first cuBLAS call, which comes later.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=mode != "strict")
+    # Deterministic mode also fills every torch.empty with NaN; ZeRO allocates its gradient
+    # buckets (hundreds of MB) with torch.empty on each step and overwrites them, so the fill
+    # only costs time (seconds per step on CPU).
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def reproducibility_line(mode: bool | str, cuda: bool) -> str:
+    """The banner's plain account of how far a rerun or a resume reproduces this run."""
+    if not mode:
+        return "reproducibility: deterministic=false: reruns differ in the last bits"
+    if not cuda or mode == "strict":
+        return (
+            "reproducibility: bitwise (deterministic kernels; a resume in the same layout is exact)"
+        )
+    return (
+        "reproducibility: up to CUDA kernel nondeterminism: data order, RNG and optimizer state "
+        "are restored exactly, but attention's backward and atomic adds are not bitwise "
+        "reproducible; deterministic=strict makes them so (slower; an op without a "
+        "deterministic kernel is then an error)"
+    )
+
+
 STALE_LOCK_SECONDS = 900
 
 

@@ -7,13 +7,15 @@ with `build_mpu(mesh)` so ZeRO works over the data-parallel group only).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import TrainConfig
 from pretrain.parallel.mesh import Mesh, build_mesh, init_process_groups
 from pretrain.parallel.mpu import build_mpu
-from pretrain.parallel.tensor import apply_tensor_parallel
+from pretrain.parallel.tensor import apply_tensor_parallel, hook_replicated_gradients
 
 __all__ = [
     "Mesh",
@@ -26,9 +28,15 @@ __all__ = [
 ]
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    cfg: TrainConfig,
+    mesh: Mesh,
+    materialize: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
     """Apply tp/sp, ep, activation checkpointing and compile in place; the mesh must have its
-    groups."""
+    groups. `materialize`: for a model built on the meta device, called once the parallel
+    layers are in, to give it this rank's real weights (pretrain.parallel.meta_build)."""
     if mesh.ep > 1:
         from pretrain.parallel.expert import apply_expert_parallel
 
@@ -38,6 +46,9 @@ def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> nn.Module:
         model = apply_expert_parallel(model, mesh)
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh)
+    if materialize is not None:
+        materialize(model)  # before any hook: it replaces the Parameters
+    hook_replicated_gradients(model, mesh)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

@@ -54,7 +54,8 @@ from pretrain.parallel.tensor_layers import (
 
 def apply_tensor_parallel(model: nn.Module, mesh: Mesh) -> None:
     """Swap `model`'s layers for their tensor-parallel types for this tp rank, in place (see
-    the module docstring). Needs the mesh's process groups."""
+    the module docstring). Needs the mesh's process groups. The replicated weights' gradients
+    are summed by `hook_replicated_gradients`, once the weights are real (pretrain.parallel)."""
     tp, rank, group = mesh.tp, mesh.tp_rank, mesh.tp_group
     if tp == 1:
         return
@@ -67,7 +68,14 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh) -> None:
     )
     for i, block in enumerate(model.blocks):
         model.blocks[i] = TensorParallelBlock(block, rank, tp, group)
-    hook = all_reduce_grad_hook(group)
+
+
+def hook_replicated_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Sum each replicated (not tp-sharded) weight's gradient over the tp group (a hook on the
+    Parameter: register it on the final, materialised one)."""
+    if mesh.tp == 1:
+        return
+    hook = all_reduce_grad_hook(mesh.tp_group)
     for p in model.parameters():
         if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
             p.register_hook(hook)

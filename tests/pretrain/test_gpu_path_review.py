@@ -250,3 +250,50 @@ def test_doctor_checks_the_binding_inside_the_step():
     two = doctor.check_gpu_binding(layout, {**step, "CUDA_VISIBLE_DEVICES": "6,7"}, 2)
     assert two.status == "warn" and "1 of them stay idle" in two.detail
     assert doctor.check_gpu_binding(doctor.Layout(2, 2, 0), node, 0) is None  # a CPU run
+
+
+# Deterministic mode ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    state = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.utils.deterministic.fill_uninitialized_memory = state[2]
+
+
+def test_strict_is_real_deterministic_mode_and_true_only_warns(restore_determinism):
+    import os
+
+    launch.set_determinism("strict", cuda=True)
+    # an op without a deterministic kernel is an error; SDPA's backward takes its
+    # deterministic variant (torch does that only without warn_only)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    launch.set_determinism(True, cuda=False)
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory
+
+
+def test_the_banner_says_plainly_how_far_a_gpu_run_reproduces():
+    gpu = launch.reproducibility_line(True, cuda=True)
+    assert "up to CUDA kernel nondeterminism" in gpu and "deterministic=strict" in gpu
+    assert "bitwise" in launch.reproducibility_line("strict", cuda=True)
+    assert "bitwise" in launch.reproducibility_line(True, cuda=False)
+    assert "differ" in launch.reproducibility_line(False, cuda=False)
+
+
+def test_deterministic_takes_strict():
+    from mop.errors import ConfigError
+
+    assert load_config(TrainConfig, TINY, ["deterministic=strict"]).deterministic == "strict"
+    assert load_config(TrainConfig, TINY, ["deterministic=false"]).deterministic is False
+    with pytest.raises(ConfigError, match="deterministic"):
+        load_config(TrainConfig, TINY, ["deterministic=maybe"])
