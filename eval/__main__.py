@@ -123,19 +123,42 @@ def init_distributed(device: str | None) -> tuple[int, int, str]:
     import torch
     import torch.distributed as dist
 
+    from pretrain.launch import cuda_device_index
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if device is None:
-        device = f"cuda:{local}" if cuda else "cpu"
-    elif device == "cuda" and world > 1:
-        device = f"cuda:{local}"
+    if cuda and (device is None or (device == "cuda" and world > 1)):
+        # from the GPUs visible: one per task under SLURM's per-task binding
+        device = f"cuda:{cuda_device_index(local, torch.cuda.device_count())}"
+    elif device is None:
+        device = "cpu"
     if world > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
+
+
+def rank0_wait_group(units: list[tuple[str, str]]) -> Any:
+    """A CPU (gloo) group whose barrier the other ranks wait at while rank 0 runs a suite
+    alone (the synthetic tasks), or None when there is no such suite or no other rank.
+
+    Waiting in the next suite's first NCCL collective instead would abort the job once rank 0
+    took longer than the process-group timeout (10 minutes). A dead rank 0 still ends the wait
+    at once (its connection closes; torchrun and srun stop the other ranks)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if not any(unit in RANK0_ONLY for unit, _ in units):
+        return None
+    return dist.new_group(backend="gloo", timeout=RANK0_WAIT)  # collective: every rank
+
+
+RANK0_ONLY = {"synthetic"}  # single-process evaluations: the other ranks have nothing to do
+RANK0_WAIT = datetime.timedelta(days=7)  # as long as rank 0 takes: it ends when rank 0 does
 
 
 def run_suite_section(name: str, lm, args, loaded) -> tuple[str, dict[str, Any]]:
@@ -277,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = set() if args.redo else finished_tasks(loaded.ref.path, task_settings(args))
     skip = _same_on_every_rank(skip if rank == 0 else None)
     units = _units(suites)
+    wait_group = rank0_wait_group(units)  # collective: before any rank can be ahead
     check_generation_room(units, skip, lm)
     running: dict[str, list[float]] = {}  # suite -> primary scores of the tasks done so far
     started = time.perf_counter()
@@ -291,9 +315,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if rank == 0:
             print(f"[eval] task {i}/{len(units)} {unit} ({suite}) ...", flush=True)
-        if unit == "synthetic" and rank != 0:
-            continue  # single-process evaluation; the other ranks have nothing to do
-        section, data = run_suite_section(unit, lm, args, loaded)
+        if unit in RANK0_ONLY:
+            if rank == 0:
+                if wait_group is not None:
+                    print(f"[eval] {unit} runs on rank 0; {world - 1} ranks wait", flush=True)
+                section, data = run_suite_section(unit, lm, args, loaded)
+            if wait_group is not None:
+                import torch.distributed as dist
+
+                dist.barrier(group=wait_group)  # every rank leaves the suite together
+        else:
+            section, data = run_suite_section(unit, lm, args, loaded)
         if rank != 0:
             continue
         meta = {

@@ -39,7 +39,32 @@ def deepspeed_config(
     if precision == "bf16":
         # check_grad_overflow: a non-finite gradient skips the step (counted by the trainer).
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        ds.update(bf16_gradient_dtypes(cfg.zero_stage))
     return ds
+
+
+def bf16_gradient_dtypes(zero_stage: int) -> dict[str, Any]:
+    """Where bf16 gradients are summed in fp32 (DeepSpeed 0.19.8 sums in the model's dtype
+    unless told), path by path:
+
+    - the data-parallel and expert-data-parallel reductions (ZeRO's buckets, every stage):
+      `communication_data_type: fp32`. A bf16 ring all-reduce rounds after each of the dp - 1
+      additions, so the error of the mean grows with the number of ranks (63 roundings at dp
+      64); in fp32 the mean is rounded once. Cost: twice the bytes of each reduction.
+    - the micro-batch accumulation: fp32 with ZeRO 2 (`data_types.grad_accum_dtype`: ZeRO
+      accumulates each micro-batch's reduced gradient into an fp32 partition, 1/dp of the
+      model). ZeRO 0 and 1 keep it in bf16: there DeepSpeed answers fp32 accumulation by
+      switching to its BF16_Optimizer (ZeRO 1) or refusing (ZeRO 0), and the BF16_Optimizer's
+      state layout is not the one our checkpoint, resharding and expert-parallel code reads
+      (pretrain.deepspeed_compat). With ZeRO 1 the `batch.grad_accum` micro-batch gradients
+      are summed in bf16 in `.grad` before the (fp32) reduction; pick zero_stage=2 when
+      grad_accum is large.
+    - the tensor-parallel sum of replicated weights' gradients: fp32 in
+      pretrain.parallel.mappings.all_reduce_grad_hook (not a DeepSpeed setting)."""
+    out: dict[str, Any] = {"communication_data_type": "fp32"}
+    if zero_stage == 2:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
 
 
 def adamw_kernel(cuda: bool) -> dict[str, bool]:

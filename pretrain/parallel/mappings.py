@@ -93,11 +93,14 @@ def all_reduce_grad_hook(group):
 
     With sequence parallel each rank sees a slice of the sequence, so the gradient of a
     replicated weight (norms, MoE experts) is a partial sum; the hook runs before the gradient
-    is accumulated into `.grad`, i.e. before DeepSpeed's ZeRO reduction hooks read it."""
+    is accumulated into `.grad`, i.e. before DeepSpeed's ZeRO reduction hooks read it. The sum
+    is taken in fp32 and rounded to the gradient's dtype once (as Megatron sums into fp32 main
+    grads): a bf16 all-reduce would round after each of the tp - 1 additions. Cost: twice the
+    bytes on the tp link for these weights (the experts of an MoE under tp are among them)."""
 
     def hook(grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
+        summed = grad.to(torch.float32, copy=True)  # a copy: the hook must not change `grad`
+        dist.all_reduce(summed, group=group)
+        return summed.to(grad.dtype)
 
     return hook
