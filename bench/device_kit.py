@@ -7,8 +7,10 @@ and leave exactly two files in $OUT: summary.json and logs.tar.gz (issue 14).
 Each step runs as its own process group with its own time cap (a hang is killed with all its
 children), its output goes to a log, and a failed step is recorded while the next one still
 runs. The caps fit one 8-minute device call (the kernel build alone took ~3.5 minutes on the
-H200). summary.json holds every step's status, seconds and error, the tests/gpu counts, and
-every benchmark figure with the issue's floors; the table printed last is the same summary.
+H200). summary.json holds every step's status, seconds and error, the tests/gpu counts, the
+GPU checks of issue 23 (tests/gpu/test_gpu_path.py, a step of their own: one row per item and
+the figures they measured), and every benchmark figure with the issue's floors; the table
+printed last is the same summary.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = ("kit", "smoke", "date", "device", "versions", "budget_s", "seconds", "steps",
-                "tests", "throughput", "floors", "moe_backends")  # fmt: skip
+                "tests", "gpu_path", "throughput", "floors", "moe_backends")  # fmt: skip
+# Issue 23's GPU checks, one test per item: their own step, cap and rows in the summary.
+GPU_PATH = "tests/gpu/test_gpu_path.py"
 
 
 DEADLINE_ENV = "MOP_STEP_DEADLINE"  # epoch seconds at which the kit kills the step
@@ -54,17 +58,27 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     site = work / "site"
     bench = work / "bench"
 
-    def device_and_tests(pytest_flags: list[str], timeout_s: float) -> list[Step]:
-        # The same two steps in both modes; the GPU call also shows the tests' own output.
-        pytest = [py, "-m", "pytest", "-q", *pytest_flags, "-p", "no:cacheprovider", "tests/gpu"]
+    def device_and_tests(pytest_flags: list[str], timeout_s: float, path_s: float) -> list[Step]:
+        # The same steps in both modes; the GPU call also shows the tests' own output.
+        pytest = [py, "-m", "pytest", "-q", *pytest_flags, "-p", "no:cacheprovider"]
         return [
             Step("device", [py, "-c", DEVICE_INFO], 60),
-            Step("tests_gpu", [*pytest, f"--junitxml={work / 'tests_gpu.xml'}"], timeout_s),
+            Step(
+                "tests_gpu",
+                [
+                    *pytest,
+                    "tests/gpu",
+                    f"--ignore={GPU_PATH}",
+                    f"--junitxml={work / 'tests_gpu.xml'}",
+                ],
+                timeout_s,
+            ),  # fmt: skip
+            Step("gpu_path", [*pytest, GPU_PATH, f"--junitxml={work / 'gpu_path.xml'}"], path_s),
         ]
 
     if args.smoke:
         return [
-            *device_and_tests([], 120),
+            *device_and_tests([], 120, 60),
             Step(
                 "train_throughput",
                 [py, "bench/train_throughput.py", "--smoke", "--out", str(bench)],
@@ -82,7 +96,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("install", ["bash", "-c", install], 90),
         # into the machine's own site-packages, beside its torch (as docker/ does)
         Step("build_kernels", ["bash", "docker/build_gpu_deps.sh", str(whl)], 300, {"PY": py}),
-        *device_and_tests(["-s"], args.tests_timeout_s),
+        *device_and_tests(["-s"], args.tests_timeout_s, args.gpu_path_timeout_s),
         Step(
             "train_throughput",
             [
@@ -181,6 +195,20 @@ def junit_counts(xml: Path) -> dict[str, Any]:
     }
 
 
+def junit_cases(xml: Path) -> dict[str, str]:
+    """Each test case's status (passed, failed, error, skipped) by its name."""
+    if not xml.is_file():
+        return {}
+    out = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                status = "failed" if tag == "failure" else tag
+        out[case.get("name")] = status
+    return out
+
+
 def device_info(log: Path) -> dict[str, Any]:
     if log.is_file():
         for line in log.read_text(errors="replace").splitlines():
@@ -212,6 +240,10 @@ def build_summary(
         "seconds": round(seconds, 1),
         "steps": [by_name.get(s.name) or _not_run(s.name) for s in steps(args, work)],
         "tests": junit_counts(work / "tests_gpu.xml"),
+        "gpu_path": {  # issue 23: each item's check and what it measured
+            "checks": junit_cases(work / "gpu_path.xml"),
+            "figures": _read_json(work / "bench" / "gpu_path.json"),
+        },
         "throughput": {
             k: tt.get(k)
             for k in ("seq_len", "micro_batch", "warmup", "steps", "peak_tflops", "rows")
@@ -245,6 +277,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"tests/gpu: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
         f"{t['skipped']} skipped {' '.join(t['failures'])}"
     )
+    for name, status in summary["gpu_path"]["checks"].items():
+        out.append(f"gpu check {name:<60} {status}")
     rows = (summary["throughput"] or {}).get("rows") or []
     if rows:
         out.append("case                              status   L   ms/step   tok/s      TFLOP/s  MFU    GiB    ours/hf")  # fmt: skip
@@ -271,6 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT"), help="where the two files go")
     p.add_argument("--budget-s", type=float, default=480.0, help="whole call (8 minutes)")
     p.add_argument("--tests-timeout-s", type=float, default=90.0)
+    p.add_argument("--gpu-path-timeout-s", type=float, default=90.0)
     p.add_argument("--bench-timeout-s", type=float, default=200.0)
     p.add_argument("--peak-tflops", type=float, default=989.0)
     args = p.parse_args(argv)

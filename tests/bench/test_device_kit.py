@@ -44,9 +44,16 @@ def test_smoke_summary_has_every_step_row_and_floor(smoke):
     out, _ = smoke
     s = json.loads((out / "summary.json").read_text())
     assert tuple(s) == device_kit.SUMMARY_KEYS and s["smoke"] is True
-    assert [st["name"] for st in s["steps"]] == ["device", "tests_gpu", "train_throughput"]
+    assert [st["name"] for st in s["steps"]] == [
+        "device", "tests_gpu", "gpu_path", "train_throughput",
+    ]  # fmt: skip
     assert all(st["status"] == "ok" and st["seconds"] > 0 for st in s["steps"]), s["steps"]
     assert s["tests"]["failed"] == 0 and s["tests"]["skipped"] > 0  # tests/gpu skip on CPU
+    # issue 23: one check per item that only a GPU shows, each its own row (skipped on a CPU)
+    checks = s["gpu_path"]["checks"]
+    for item in ("item1_", "item2_", "item9_", "item10_", "item12_"):
+        assert any(name.startswith(f"test_{item}") for name in checks), (item, checks)
+    assert set(checks.values()) == {"skipped"} and s["gpu_path"]["figures"] is None
     rows = {r["name"]: r for r in s["throughput"]["rows"]}
     assert list(rows) == [c.name for c in cases(smoke=True)]
     for r in rows.values():
@@ -69,12 +76,13 @@ def test_smoke_tarball_holds_the_logs_and_the_table_ends_the_output(smoke):
     out, res = smoke
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    for step in ("device", "tests_gpu", "train_throughput"):
+    for step in ("device", "tests_gpu", "gpu_path", "train_throughput"):
         assert f"device_kit/logs/{step}.log" in names
     assert "device_kit/bench/train_throughput.json" in names
     tail = res.stdout.splitlines()[-60:]
     assert any(line.startswith("== device kit (SMOKE") for line in tail)
     assert any(line.startswith("dense_d2048_transformers") for line in tail)
+    assert any(line.startswith("gpu check test_item12_") for line in tail)
 
 
 def test_a_hung_step_is_killed_with_its_children_and_the_rest_runs(tmp_path):
@@ -138,9 +146,12 @@ def test_the_gpu_call_installs_every_carried_file_offline(tmp_path, monkeypatch)
     args = device_kit.parse_args(["--out", str(tmp_path / "out")])
     plan = device_kit.steps(args, tmp_path / "work")
     assert [s.name for s in plan] == [
-        "install", "build_kernels", "device", "tests_gpu", "train_throughput", "moe_backends",
-        "checkpoint_save",
+        "install", "build_kernels", "device", "tests_gpu", "gpu_path", "train_throughput",
+        "moe_backends", "checkpoint_save",
     ]  # fmt: skip
+    tests_gpu, gpu_path = plan[3].cmd, plan[4].cmd
+    assert f"--ignore={device_kit.GPU_PATH}" in tests_gpu  # each check runs once
+    assert device_kit.GPU_PATH in gpu_path and "tests/gpu" not in gpu_path
     install = plan[0].cmd[-1]
     assert "--no-index" in install and all(str(p) in install for p in whl.iterdir())
     assert str(whl / "deepspeed-0.19.8.tar.gz") in install
