@@ -1,4 +1,4 @@
-"""`python -m data_prep synthetic {phonebook,shortest-path,memorization} --out DIR --size N`.
+"""`python -m data_prep synthetic {phonebook,shortest-path,memorization,length2-path} --out DIR --size N`.
 
 `add_parser(subparsers)` registers the `synthetic` subcommand on the data_prep CLI; the
 handler is `args.func(args) -> int`. `python -m data_prep.synthetic.cli ...` runs the same
@@ -21,7 +21,7 @@ from mop.errors import ConfigError, cli_entry
 _DESCRIPTION = """\
 Generate a synthetic task, deterministically from --seed, into --out DIR:
 config.json, train/test jsonl text, char-level tokenizer, token shards and
-manifest.json (memorization: .npy tensors and manifest.json). The manifest is
+manifest.json (memorization, length2-path: .npy tensors and manifest.json). The manifest is
 written last; a directory without one is unfinished. Same args -> same bytes.
 """
 
@@ -177,6 +177,27 @@ TASKS: dict[str, _Task] = {
         config="MemorizationConfig",
         write="write_memorization",
     ),
+    "length2-path": _Task(
+        help="edges at s and d of a random graph -> is there a path s-v-d? (tensors)",
+        description=(
+            "Length-2 path (the paper's Definition 2.1): s = 0, d = |V|-1. Each graph is\n"
+            "its edges at s and d, one token each (one-hot(u) + one-hot(w)), in random\n"
+            "order, zero-padded, then a query token; label +1 when s and d share a\n"
+            "neighbour. deg(s), deg(d) uniform on [--min-degree, --max-degree] for both\n"
+            "labels (edge counts say nothing); positives share exactly one vertex.\n"
+            "Test: --num-test held-out graphs (none in training), half of each label."
+        ),
+        size_help="training graphs, e.g. 50000",
+        args=(
+            _Arg("--vertices", "16", "V", "vertices per graph |V| (default 16)"),
+            _Arg("--min-degree", "2", "A", "fewest edges at s and at d (default 2)"),
+            _Arg("--max-degree", "4", "B", "most edges at s and at d (default 4)"),
+            _Arg("--num-test", "2000", "K", "held-out test graphs (default 2000)"),
+        ),
+        module="data_prep.synthetic.length2_path",
+        config="Length2PathConfig",
+        write="write_length2_path",
+    ),
 }
 
 
@@ -184,6 +205,8 @@ _EXAMPLES = {
     "phonebook": "python -m data_prep synthetic phonebook --out data/phonebook_1e5 --size 1e5",
     "shortest-path": "python -m data_prep synthetic shortest-path --out data/sp --size 1e6",
     "memorization": "python -m data_prep synthetic memorization --out data/mem --size 4096",
+    "length2-path": "python -m data_prep synthetic length2-path --out data/l2p --size 50000 "
+    "--vertices 16",
 }
 
 
@@ -212,7 +235,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `synthetic` with its task sub-subcommands on the data_prep CLI."""
     p = subparsers.add_parser(
         "synthetic",
-        help="phone-book, shortest-path and memorization task generators",
+        help="phone-book, shortest-path, memorization and length-2-path task generators",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -245,7 +268,10 @@ def _summary(out: str, manifest: dict) -> None:
         if "edge_prob" in task["config"]:
             print(f"edge probability p = {task['config']['edge_prob']}")
     else:
-        print(f"x: {manifest['tensors']['x']['shape']}, y: {manifest['tensors']['y']['shape']}")
+        tensors = manifest["tensors"]
+        print(f"x: {tensors['x']['shape']}, y: {tensors['y']['shape']}")
+        if "test_x" in tensors:
+            print(f"test x: {tensors['test_x']['shape']}, test y: {tensors['test_y']['shape']}")
     print(f"{task['name']} written to {out}")
 
 

@@ -9,7 +9,8 @@ at random; a model must fit the labels (predicted at the last token). Choices:
   that were trained on, so no separate test file is written (the manifest says so).
 - Files: DIR/train_x.npy and DIR/train_y.npy, plain .npy (deterministic bytes, memory-mappable,
   `torch.from_numpy(np.load(...))`), config.json, and manifest.json written last with
-  shapes, dtypes and sha256 of both files. Use `load_memorization(DIR)` to read them checked.
+  shapes, dtypes and sha256 of both files (the layout of `tensors.py`). Use
+  `load_memorization(DIR)` to read them checked.
 - Seeds: X from stream (seed, 0) and y from (seed, 1), generated in fixed chunks of 4,096
   sequences so memory stays bounded and the bytes do not depend on anything but the args.
 """
@@ -18,17 +19,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from data_prep.synthetic.writer import CONFIG, MANIFEST, SYNTHETIC_FORMAT_VERSION, prepare_out_dir
+from data_prep.synthetic.tensors import (
+    TENSOR_FORMAT,  # noqa: F401 (re-export: data_prep.verify reads it from here)
+    finish_tensor_task,
+    load_split,
+    task_name,
+    write_array,
+    write_x_chunks,
+)
+from data_prep.synthetic.writer import SYNTHETIC_FORMAT_VERSION, prepare_out_dir
 from mop.errors import ConfigError, DataError
-from mop.fileio import atomic_path, atomic_write_json, read_json, sha256_file
-from mop.progress import progress
 
 TASK = "memorization"
-TENSOR_FORMAT = "mop-synthetic-tensors-v1"
 X_FILE, Y_FILE = "train_x.npy", "train_y.npy"
 _CHUNK = 4096  # sequences per draw; fixed, since the stream of draws defines the data
 _MAX_BYTES = 64 << 30  # refuse absurd sizes with a clear message instead of a MemoryError
@@ -70,56 +75,24 @@ def write_memorization(out_dir: str | os.PathLike, cfg: MemorizationConfig) -> d
     out = prepare_out_dir(out_dir)
     rng_x = np.random.default_rng([cfg.seed, 0])
     rng_y = np.random.default_rng([cfg.seed, 1])
-    shape = (cfg.size, cfg.seq_len, cfg.dim)
-    with atomic_path(out / X_FILE) as tmp:
-        x = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        with progress(total=cfg.size, desc="memorization", unit="seq") as bar:
-            for lo in range(0, cfg.size, _CHUNK):
-                hi = min(lo + _CHUNK, cfg.size)
-                x[lo:hi] = rng_x.standard_normal((hi - lo, cfg.seq_len, cfg.dim), dtype=np.float32)
-                bar.update(hi - lo)
-        x.flush()
-        del x  # close the map before the file is renamed
+
+    def chunks():
+        for lo in range(0, cfg.size, _CHUNK):
+            hi = min(lo + _CHUNK, cfg.size)
+            yield rng_x.standard_normal((hi - lo, cfg.seq_len, cfg.dim), dtype=np.float32)
+
+    write_x_chunks(out / X_FILE, (cfg.size, cfg.seq_len, cfg.dim), chunks(), TASK)
     y = (rng_y.integers(0, 2, size=cfg.size, dtype=np.int8) * 2 - 1).astype(np.int8)
-    with atomic_path(out / Y_FILE) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, y)
-    config = cfg.to_json()
-    atomic_write_json(out / CONFIG, config)
-    manifest = {
-        "format": TENSOR_FORMAT,
-        "task": {"name": TASK, "config": config},
-        "tensors": {
-            "x": _record(out / X_FILE, shape, "float32"),
-            "y": _record(out / Y_FILE, (cfg.size,), "int8"),
-        },
-        "splits": {"train": ["x", "y"], "test": ["x", "y"]},  # test = train, by design
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
-
-
-def _record(path: Path, shape: tuple[int, ...], dtype: str) -> dict:
-    return {"file": path.name, "shape": list(shape), "dtype": dtype, "sha256": sha256_file(path)}
+    write_array(out / Y_FILE, y)
+    files = {"x": X_FILE, "y": Y_FILE}
+    splits = {"train": ["x", "y"], "test": ["x", "y"]}  # test = train, by design
+    return finish_tensor_task(out, TASK, cfg.to_json(), files, splits)
 
 
 def load_memorization(
     out_dir: str | os.PathLike, verify: bool = True, mmap: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """(X [n, N, m] float32, y [n] int8 in {-1, +1}) of a finished run, checked against its manifest."""
-    out = Path(out_dir)
-    if not (out / MANIFEST).is_file():
-        raise DataError(f"{out} has no {MANIFEST}: the memorization run did not finish")
-    manifest = read_json(out / MANIFEST)
-    if manifest.get("format") != TENSOR_FORMAT:
-        raise DataError(f"{out / MANIFEST} is not a memorization manifest ({TENSOR_FORMAT})")
-    arrays = []
-    for key in ("x", "y"):
-        rec = manifest["tensors"][key]
-        path = out / rec["file"]
-        if verify and sha256_file(path) != rec["sha256"]:
-            raise DataError(f"{path} does not match the sha256 in its manifest: corrupted")
-        arr = np.load(path, mmap_mode="r" if mmap else None)
-        if list(arr.shape) != rec["shape"] or arr.dtype.name != rec["dtype"]:
-            raise DataError(f"{path}: shape/dtype {arr.shape}/{arr.dtype} differ from manifest")
-        arrays.append(arr)
-    return arrays[0], arrays[1]
+    if task_name(out_dir) != TASK:
+        raise DataError(f"{out_dir} is not a memorization task directory")
+    return load_split(out_dir, "train", verify=verify, mmap=mmap)

@@ -16,6 +16,12 @@ import pytest
 from data_prep.shards import ShardReader, ShardWriter, verify_shard
 from data_prep.synthetic import memorization, phonebook, shortest_path, writer
 from data_prep.synthetic.cli import add_parser
+from data_prep.synthetic.length2_path import (
+    Length2PathConfig,
+    graph_edges,
+    load_length2_path,
+    write_length2_path,
+)
 from data_prep.synthetic.memorization import MemorizationConfig, load_memorization
 from data_prep.synthetic.phonebook import PhonebookConfig, write_phonebook
 from data_prep.synthetic.shortest_path import (
@@ -312,6 +318,119 @@ def test_memorization_tensors(tmp_path: Path) -> None:
         load_memorization(out)
 
 
+# -- length-2 path -------------------------------------------------------------------------------
+
+
+def _brute_force_path(x: np.ndarray, vertices: int) -> bool:
+    """Read the graph back from its tokens (two endpoints each) and look for s - v - d."""
+    adj = np.zeros((vertices, vertices), dtype=np.int64)
+    for token in x[:-1]:
+        ends = np.flatnonzero(token[:vertices])
+        if len(ends):
+            assert len(ends) == 2 and token[vertices] == 0, token  # one edge, not the query
+            adj[ends[0], ends[1]] = adj[ends[1], ends[0]] = 1
+    return bool((adj @ adj)[0, vertices - 1] > 0)
+
+
+def _edge_set(x: np.ndarray) -> frozenset:
+    return frozenset(graph_edges(x))
+
+
+@pytest.mark.parametrize("vertices, size", [(8, 300), (10, 1000), (16, 1000)])
+def test_length2_path_labels_match_brute_force(tmp_path: Path, vertices: int, size: int) -> None:
+    out = tmp_path / "l2p"
+    cfg = Length2PathConfig(size=size, seed=1, vertices=vertices, max_degree=3, num_test=40)
+    write_length2_path(out, cfg)
+    lo, hi = cfg.degrees
+    for split in ("train", "test"):
+        x, y = load_length2_path(out, split)
+        assert x.shape[1:] == (2 * hi + 1, vertices + 1) and x.dtype == np.float32
+        assert np.array_equal(x[:, -1, [0, vertices - 1, vertices]], np.ones((len(x), 3)))
+        for row, label in zip(x, y):
+            assert _brute_force_path(row, vertices) == (label == 1)
+            edges = graph_edges(row)
+            at_s = [e for e in edges if e[0] == 0]
+            at_d = [e for e in edges if e[1] == vertices - 1]
+            # every listed edge touches s or d (never both: no s-d edge), degrees in range
+            assert len(at_s) + len(at_d) == len(edges) and (0, vertices - 1) not in edges
+            assert lo <= len(at_s) <= hi and lo <= len(at_d) <= hi
+            shared = {w for _, w in at_s} & {u for u, _ in at_d}
+            assert len(shared) == (1 if label == 1 else 0)  # positives: exactly one s-v-d
+            # edges come first (in random order), padding after them
+            filled = x.shape[1] - 1 if len(edges) == 2 * hi else len(edges)
+            assert row[:filled].any(axis=1).all() and not row[filled:-1].any()
+
+
+def test_length2_path_balanced_counts_uninformative_and_held_out(tmp_path: Path) -> None:
+    out = tmp_path / "l2p"
+    write_length2_path(out, Length2PathConfig(size=10000, seed=0, vertices=16, num_test=500))
+    x, y = load_length2_path(out, "train")
+    xt, yt = load_length2_path(out, "test")
+    assert int((y == 1).sum()) == 5000 and int((yt == 1).sum()) == 250  # exactly balanced
+    # Edge counts say nothing: the best rule on (deg s, deg d) alone is near chance. (In a
+    # G(n, p) graph with balanced labels it would be right 72% of the time at |V| = 16.)
+    deg_s = x[:, :-1, 0].sum(axis=1).astype(int)
+    deg_d = x[:, :-1, 15].sum(axis=1).astype(int)
+    right = 0
+    for a, b in {(a, b) for a, b in zip(deg_s, deg_d)}:
+        sel = (deg_s == a) & (deg_d == b)
+        right += max(int((y[sel] == 1).sum()), int((y[sel] == -1).sum()))
+    assert right / len(y) < 0.53, right / len(y)
+    # The shared vertex is uniform over the middle vertices: none of them marks the positives.
+    shared = []
+    for row in x[y == 1][:3000]:
+        edges = graph_edges(row)
+        (v,) = {w for u, w in edges if u == 0} & {u for u, w in edges if w == 15}
+        shared.append(v)
+    counts = np.bincount(shared, minlength=15)[1:]
+    assert counts.min() > 0.7 * counts.mean(), counts
+    # Held out: test graphs are distinct and none is a training graph (as an edge set).
+    train_sets = {_edge_set(row) for row in x}
+    test_sets = [_edge_set(row) for row in xt]
+    assert len(set(test_sets)) == len(test_sets)
+    assert not train_sets.intersection(test_sets)
+
+
+def test_length2_path_deterministic_by_seed(tmp_path: Path) -> None:
+    cfg = Length2PathConfig(
+        size=5000, seed=4, vertices=12, min_degree=1, max_degree=3, num_test=100
+    )
+    write_length2_path(tmp_path / "a", cfg)
+    write_length2_path(tmp_path / "b", cfg)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    write_length2_path(
+        tmp_path / "c", Length2PathConfig(size=5000, seed=5, vertices=12, num_test=100)
+    )
+    for name in ("train_x.npy", "test_x.npy"):
+        assert (tmp_path / "c" / name).read_bytes() != (tmp_path / "a" / name).read_bytes()
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": ["x", "y"], "test": ["test_x", "test_y"]}
+    assert (
+        manifest["task"]["config"]["min_degree"] == 1
+        and manifest["task"]["config"]["max_degree"] == 3
+    )
+    with open(tmp_path / "a" / "test_y.npy", "r+b") as fh:  # corrupt one label
+        fh.seek(-1, 2)
+        fh.write(b"\x05")
+    with pytest.raises(DataError, match="sha256"):
+        load_length2_path(tmp_path / "a", "test")
+    with pytest.raises(DataError, match="not a length-2-path"):
+        load_length2_path(_memorization_dir(tmp_path / "m"))
+
+
+def _memorization_dir(out: Path) -> Path:
+    memorization.write_memorization(out, MemorizationConfig(size=10, seq_len=2, dim=3))
+    return out
+
+
+def test_length2_path_refuses_what_cannot_be_held_out(tmp_path: Path) -> None:
+    # |V| = 6, degrees 1..2: a few dozen distinct graphs; 200 held-out ones cannot exist
+    cfg = Length2PathConfig(size=2000, vertices=6, min_degree=1, max_degree=2, num_test=200)
+    with pytest.raises(ConfigError, match="too few distinct graphs"):
+        write_length2_path(tmp_path / "l2p", cfg)
+    assert not (tmp_path / "l2p" / "manifest.json").exists()
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 
 
@@ -326,7 +445,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_help() -> None:
-    for args in ((), ("phonebook",), ("shortest-path",), ("memorization",)):
+    for args in ((), ("phonebook",), ("shortest-path",), ("memorization",), ("length2-path",)):
         res = _cli(*args, "--help")
         assert res.returncode == 0, res.stderr
         assert "--out" in res.stdout or "phonebook" in res.stdout
@@ -343,6 +462,10 @@ def test_cli_help() -> None:
         (("shortest-path", "--size", "10", "--nodes", "8"), "no edge probability"),
         (("shortest-path", "--size", "10", "--edge-prob", "1.5"), "--edge-prob"),
         (("memorization", "--size", "10", "--dim", "0"), "--dim"),
+        (("length2-path", "--size", "10", "--vertices", "8"), "--max-degree 4 is too large"),
+        (("length2-path", "--size", "10", "--vertices", "3"), "--vertices must be >= 4"),
+        (("length2-path", "--size", "10", "--min-degree", "5"), "--min-degree"),
+        (("length2-path", "--size", "10", "--num-test", "0"), "--num-test must be positive"),
     ],
 )
 def test_cli_bad_args_give_one_line_error(tmp_path: Path, args, message) -> None:
