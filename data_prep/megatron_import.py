@@ -238,7 +238,7 @@ def import_megatron(
 
 
 def _write(tmp, tok, sources, weight, wanted, seq_len, by_tokens) -> dict:
-    tok.save(tmp)
+    saved = tok.save(tmp)  # as tokenizer.json / tokenizer.model, whatever the source's name
     shards, entries = [], {}
     for src in sources:
         rel = shard_relpath(src.label, "train", 0, 0)
@@ -297,7 +297,7 @@ def _write(tmp, tok, sources, weight, wanted, seq_len, by_tokens) -> dict:
     manifest = {
         "format": FORMAT,
         "imported_with": IMPORT_MARK,
-        "tokenizer": tok.meta(),
+        "tokenizer": {**tok.meta(), "file": saved.name},
         "sources": entries,
         "shards": shards,
         "mixture_plan": PLAN,

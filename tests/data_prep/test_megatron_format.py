@@ -213,9 +213,12 @@ def test_symlink_when_no_hard_link_and_the_source_moves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(megatron_import.os, "link", no_link)
     out = tmp_path / "out"
+    renamed = shutil.copy(tok_path, tmp_path / "my_tokenizer.json")  # saved as tokenizer.json
     m = megatron_import.import_megatron(  # the .bin named instead of the prefix: the same
-        [str(tmp_path / "c.bin")], str(tok_path), str(out), validation_sequences=0
+        [str(tmp_path / "c.bin")], str(renamed), str(out), validation_sequences=0
     )
+    assert verify_data_dir(out) == 3  # shard, (empty) validation, tokenizer
+    assert m["tokenizer"]["file"] == "tokenizer.json"
     rec = m["shards"][0]
     assert m["sources"]["c"]["imported"]["link"] == "symlink"
     assert os.readlink(shard_file(out / rec["path"], ".bin")) == str(tmp_path / "c.bin")
