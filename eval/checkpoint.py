@@ -12,8 +12,13 @@
 
 Every save is checked as training checks it before a resume (pretrain.checkpoint.check_save:
 each recorded file present with its size; the files eval reads also by checksum, not the
-optimizer partitions of a ZeRO 1/2 save, which it never opens): a damaged save is refused in one
-line (exit 66). A save from before records existed is loaded as before, with a note.
+optimizer partitions of an older ZeRO 1/2 save, which it never opens): a damaged save is refused
+in one line (exit 66). A save from before records existed is loaded as before, with a note.
+
+Any layout loads in one process: a layout-free save (ZeRO 1/2, pretrain/checkpoint_dcp.py)
+holds the fp32 masters of the plain model, read box by box whatever the tp / ep / dp sizes
+were (rounded through bf16 for a bf16 run: the weights its forward used); an older save's
+tensor-parallel files are merged and its expert shards concatenated, one replica read once.
 
 The model config is the one the save itself carries (client state `mop.config_yaml`), so a run
 resumed later with other overrides still evaluates each save with its own config. The tokenizer
@@ -185,19 +190,30 @@ def _layout_free(step_dir: Path) -> bool:
     return (step_dir / DCP_DIR).is_dir()
 
 
+def _note_unrecorded(step_dir: Path) -> None:
+    print(
+        f"note: checkpoint {step_dir} has no integrity record (saved before saves were "
+        "recorded): loading it unchecked",
+        file=sys.stderr,
+    )
+
+
 def _check_files(step_dir: Path) -> None:
     if not step_dir.is_dir():
         raise DamagedStateError(f"checkpoint {step_dir} does not exist (the pointer names it)")
     if _layout_free(step_dir):
-        check_save(step_dir)  # the masters share their files with the moments: all checked
+        # the masters share their files with the moments: all checked
+        if not check_save(step_dir):
+            _note_unrecorded(step_dir)
+            missing = [
+                n for n in (f"{DCP_DIR}/.metadata", STATE_FILE) if not (step_dir / n).is_file()
+            ]
+            if missing:
+                raise DataError(f"checkpoint {step_dir} is incomplete: no {', '.join(missing)}")
         return
     zero3 = not (step_dir / MODEL_STATES).is_file()
     if not check_save(step_dir, checksum=None if zero3 else _read_by_eval):
-        print(
-            f"note: checkpoint {step_dir} has no integrity record (saved before saves were "
-            "recorded): loading it unchecked",
-            file=sys.stderr,
-        )
+        _note_unrecorded(step_dir)
     if zero3 and not (step_dir / ZERO3_STATES).is_file():
         raise DataError(
             f"checkpoint {step_dir} is incomplete: neither {MODEL_STATES} nor {ZERO3_STATES}"

@@ -13,6 +13,7 @@ from data_prep.tokenizer import train_bpe
 from eval.checkpoint import MODEL_STATES, load_for_eval, resolve_checkpoint
 from eval.export import export_loaded
 from mop.errors import DamagedStateError, DataError
+from pretrain.checkpoint_dcp import STATE_FILE
 from pretrain.checkpoint_record import RECORD
 
 from .conftest import corpus, train_tiny
@@ -32,12 +33,17 @@ def test_run_dir_checkpoints_dir_and_step_dir_resolve(trained_run):
 
 
 def test_loaded_weights_are_the_saved_ones(trained_run):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
     loaded = load_for_eval(trained_run)
-    saved = torch.load(loaded.ref.path / MODEL_STATES, map_location="cpu", weights_only=False)[
-        "module"
-    ]
-    for name, tensor in loaded.model.state_dict().items():
-        torch.testing.assert_close(tensor, saved[name].float(), rtol=0, atol=0)
+    # The save's fp32 masters, read with torch.distributed.checkpoint itself (ZeRO-1 save)
+    reader = FileSystemReader(loaded.ref.path / "dcp")
+    meta = reader.read_metadata().state_dict_metadata
+    saved = {k: torch.empty(m.size) for k, m in meta.items() if k.endswith("/fp32")}
+    dcp_load(saved, storage_reader=reader, no_dist=True)
+    for name, tensor in loaded.model.named_parameters():
+        torch.testing.assert_close(tensor, saved[f"{name}/fp32"], rtol=0, atol=0)
     assert not loaded.model.training
     assert loaded.tokenizer.hash == load_manifest(loaded.data_dir)["tokenizer"]["sha256"]
     header = loaded.header()
@@ -54,6 +60,9 @@ def run_copy(trained_run, tmp_path) -> Path:
     return dst
 
 
+WEIGHTS = "dcp/__0_0.distcp"  # a ZeRO-1 save's masters and moments (pretrain/checkpoint_dcp.py)
+
+
 def test_refuses_missing_unpointed_and_incomplete_checkpoints(run_copy, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nowhere")
@@ -62,19 +71,20 @@ def test_refuses_missing_unpointed_and_incomplete_checkpoints(run_copy, tmp_path
     shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000006")
     with pytest.raises(DataError, match="not complete"):
         resolve_checkpoint(ckpts / "step_00000006")
-    # The pointed-at save lost its model file: its integrity record says so.
-    (ckpts / "step_00000004" / MODEL_STATES).unlink()
-    with pytest.raises(DamagedStateError, match=f"damaged: missing file {MODEL_STATES}"):
+    # The pointed-at save lost a weights file: its integrity record says so.
+    (ckpts / "step_00000004" / WEIGHTS).unlink()
+    with pytest.raises(DamagedStateError, match=f"damaged: missing file {WEIGHTS}"):
         resolve_checkpoint(run_copy)
-    # A truncated model file is reported, not a pickle traceback.
-    (ckpts / "step_00000002" / MODEL_STATES).write_bytes(b"PK\x03\x04half")
-    with pytest.raises(DamagedStateError, match=f"damaged: size mismatch in {MODEL_STATES}"):
+    # A truncated file is reported, not a pickle traceback.
+    (ckpts / "step_00000002" / STATE_FILE).write_bytes(b"PK\x03\x04half")
+    with pytest.raises(DamagedStateError, match=f"damaged: size mismatch in {STATE_FILE}"):
         load_for_eval(ckpts / "step_00000002")
     # A save from before integrity records: the files themselves are checked, as before.
     (ckpts / "step_00000002" / RECORD).unlink()
     with pytest.raises(DataError, match="half-written or corrupted"):
         load_for_eval(ckpts / "step_00000002")
     (ckpts / "step_00000004" / RECORD).unlink()
+    (ckpts / "step_00000004" / STATE_FILE).unlink()
     with pytest.raises(DataError, match="incomplete"):
         resolve_checkpoint(run_copy)
     (ckpts / "latest_complete").unlink()

@@ -7,6 +7,8 @@ MOP_TEST_KILL_IN_SAVE_AT=phase   with MOP_TEST_KILL_IN_SAVE_STEP: SIGKILL at a l
                                  records its share), `merge` (before rank 0 merges the record),
                                  `pointer` (record written, before the pointer moves)
 MOP_TEST_KILL_RANK=r             kill faults only on rank r (default: every rank)
+MOP_TEST_ENGINE_FORMAT=1         save in DeepSpeed's own files (format 1) also with ZeRO 1/2: a save
+                                 as every run wrote before the layout-free format
 MOP_TEST_SLOW_SAVE_S=x           each checkpoint file write first sleeps x seconds (a slow disk:
                                  a background save is still being written while training goes
                                  on, a stop signal or a kill arrives)
@@ -117,6 +119,8 @@ _move_pointer_real = checkpoint._move_pointer
 checkpoint_record.entries = _kill_before("record", checkpoint_record.entries)
 checkpoint_record.write_record = _kill_before("merge", checkpoint_record.write_record)
 dcp_filesystem._FileSystemWriter.write_data = write_data
+if os.environ.get("MOP_TEST_ENGINE_FORMAT") == "1":
+    checkpoint.Target.layout_free = property(lambda self: False)
 checkpoint._move_pointer = _move_pointer
 trainer.Trainer.train_step = train_step
 trainer.lm_loss = lm_loss

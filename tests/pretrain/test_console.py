@@ -137,7 +137,8 @@ def test_resume_banner(runs):
     assert "fresh start" not in out
     steps = [int(m[1]) for ln in out.splitlines() if (m := STEP_LINE.match(ln))]
     assert steps == [8]
-    mfu = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["mfu"]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    mfu = [r for r in records if "loss" in r][-1]["mfu"]  # checkpoint records follow it
     assert f"| MFU {100 * mfu:.1f}% |" in out
     assert "MFU: not shown" not in out
     assert "[train] done: step 8/8 (2 this run, 0 skipped), 1.02K tokens;" in out

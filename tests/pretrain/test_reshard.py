@@ -197,3 +197,30 @@ def test_tp2_dp2_ep2_save_resumes_in_one_process_and_eval_reads_it(data_dir, tmp
     back = import_hf(tmp_path / "hf")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model.eval()(ids).logits)
+
+
+# Saves from before the layout-free format ----------------------------------------------------
+
+
+def test_older_saves_resume_in_their_own_layout_and_refuse_another_in_one_line(data_dir, tmp_path):
+    """A tp=2 save in DeepSpeed's own files (as every run wrote before): resumed as before in
+    its own layout, exactly; on tp=1 refused in one line that names the sizes (issue 20 #6)."""
+    old, same, other = tmp_path / "old", tmp_path / "same", tmp_path / "other"
+    tp2 = {**DENSE, "parallel.tensor_parallel": 2}
+    env = {"MOP_TEST_ENGINE_FORMAT": "1"}
+    run_pretrain(train_overrides(data_dir, old, **tp2), nproc=2, env_extra=env)
+    step4 = old / "checkpoints" / tag_of(4)
+    assert (step4 / "mp_rank_01_model_states.pt").is_file() and not (step4 / "dcp").exists()
+    res = _resume(old, data_dir, same, 2, tp2)
+    assert f"resumed from {tag_of(4)} (step 4," in res.stdout  # same layout: no reshard
+    a, b = metrics(old), metrics(same)
+    for s in range(5, 9):
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6), s
+    ckpt = other / "checkpoints"
+    shutil.copytree(step4, ckpt / tag_of(4))
+    (ckpt / POINTER).write_text(tag_of(4) + "\n")
+    res = run_pretrain(train_overrides(data_dir, other, **DENSE), nproc=1, check=False)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr[-3000:]
+    assert "in DeepSpeed's own format" in errors[0] and "tensor_parallel=2" in errors[0]
+    assert "Traceback" not in res.stderr

@@ -52,7 +52,9 @@ def test_kill9_resume_is_exact(reference, data_dir, tmp_path):
     res = run_trainer(over, {"MOP_TEST_KILL_AT_STEP": str(kill_at)})
     assert res.returncode == -signal.SIGKILL
     saved = read_pointer(tmp_path / "checkpoints")
-    assert saved == tag_of(kill_at // 3 * 3)
+    # The newest save before the kill, or the one before it when the kill came while the
+    # newest was still being written in the background (checkpoint.async_save).
+    assert saved in (tag_of(kill_at // 3 * 3), tag_of(kill_at // 3 * 3 - 3))
     check_ok(run_trainer(over))
     assert step_losses(tmp_path) == reference  # bit-identical, every step
 
