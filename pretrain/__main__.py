@@ -6,7 +6,7 @@ resolved config, the derived sizes and the DeepSpeed config, and touches no devi
 The config, the output paths and the data directory are checked before torch is imported,
 so a bad input is one `error:` line within a second (pretrain/preflight.py).
 Exit codes: see pretrain/trainer.py (0 done, 75 (EX_TEMPFAIL) requeue after a stop signal, 65
-non-finite, 66 every checkpoint damaged).
+non-finite, 66 every checkpoint damaged, 67 repeated loss spikes).
 """
 
 from __future__ import annotations
@@ -49,8 +49,18 @@ Outputs go to run_dir: config.yaml (the resolved config), metrics.jsonl, checkpo
 (or checkpoint.dir), wandb/ (mode: logging.wandb_mode, else $WANDB_MODE, else offline).
 Resume: run the same command again. With checkpoint.resume=auto (the default) a run continues
 from the latest complete checkpoint in its checkpoint directory, also on another number of
-GPUs; checkpoint.resume=never starts fresh. Exit codes: 0 done, 75 stopped by a signal after
-a checkpoint (requeue), 65 too many non-finite steps, 2 bad config or path, 3 bad data."""
+GPUs; checkpoint.resume=never starts fresh.
+Loss spikes (spike.*, on; pretrain/spike.py): loss > spike.loss_ratio=1.5 x the median of the
+last spike.history=100 normal steps (and spike.zscore=6 robust spreads above it), grad norm >
+spike.grad_norm_ratio=10 x its median, or non-finite, on spike.min_suspicious=4 of the last
+spike.window=8 steps: back to the newest save from before it, its batches skipped (recorded in
+checkpoints/rollbacks.json and every later save), and on; spike.lr_factor / spike.lr_steps
+lower the lr after it. Check the thresholds with fault.spike_at_step=N (step N's update with
+its lr x1000, once per run); spike.enabled=false trains through spikes.
+Exit codes: 0 done, 75 stopped by a signal after a checkpoint (requeue), 65 too many
+non-finite steps, 66 every checkpoint damaged, 67 a spike after spike.max_rollbacks=3
+rollbacks within spike.rollback_span=1000 steps (not requeued), 2 bad config or path, 3 bad
+data."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

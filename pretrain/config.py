@@ -104,6 +104,50 @@ class PlateauConfig(StrictModel):
     min_passes: int = Field(0, ge=0)  # no stop before this many passes
 
 
+class SpikeConfig(StrictModel):
+    """Loss-spike rollback (pretrain/spike.py). A step is suspicious when its loss is above
+    `loss_ratio` x the median of the last `history` normal steps and `zscore` robust spreads
+    above it, when its gradient norm is likewise above `grad_norm_ratio` x its median, or when
+    it was non-finite. `min_suspicious` of the last `window` steps suspicious = a spike: the run
+    returns to the newest save from before it, skips the batches from `skip_before` steps
+    before the first suspicious one through the detection step, and goes on. Defaults are
+    conservative: a clean run never rolls back."""
+
+    enabled: bool = True
+    history: int = Field(100, ge=2)  # normal steps in the reference statistics
+    min_history: int = Field(20, ge=1)  # judging starts once the reference holds this many
+    window: int = Field(8, ge=1)
+    min_suspicious: int = Field(4, ge=1)
+    loss_ratio: float = Field(1.5, gt=1)
+    grad_norm_ratio: float = Field(10.0, ge=0)  # 0: the gradient norm is not judged
+    zscore: float = Field(6.0, ge=0)
+    skip_before: int = Field(1, ge=0)  # batches before the first suspicious step also skipped
+    lr_factor: float = Field(1.0, gt=0, le=1)  # lr multiplier after a rollback ...
+    lr_steps: int = Field(0, ge=0)  # ... for this many steps (0: the lr is not lowered)
+    max_rollbacks: int = Field(3, ge=0)  # within rollback_span steps; one more stops (exit 67)
+    rollback_span: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpikeConfig:
+        if self.min_suspicious > self.window:
+            raise ValueError(
+                f"spike.min_suspicious={self.min_suspicious} > spike.window={self.window}: "
+                "a spike could never be declared"
+            )
+        if self.min_history > self.history:
+            raise ValueError(f"spike.min_history={self.min_history} > spike.history={self.history}")
+        return self
+
+
+class FaultConfig(StrictModel):
+    """Deliberate faults, to check the spike thresholds on your own setup (and for tests)."""
+
+    # The update of this step is applied with its lr x spike_lr_factor, once per run: an
+    # update that damages every weight (pretrain/spike.py).
+    spike_at_step: int | None = Field(None, ge=1)
+    spike_lr_factor: float = Field(1000.0, gt=1)
+
+
 class EvalConfig(StrictModel):
     interval: int = Field(0, ge=0)  # steps between validation passes; 0 = off
     max_batches: int = Field(8, ge=1)
@@ -178,7 +222,11 @@ class TrainConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # reads WANDB_MODE at load
     max_steps: int = Field(ge=1)
     stop_on_plateau: PlateauConfig | None = None  # None: train to max_steps
+    # A skipped (non-finite) step is also a suspicious step for the spike guard, which rolls
+    # back after spike.min_suspicious of them in its window: with the defaults before this.
     max_nonfinite_in_a_row: int = Field(5, ge=1)
+    spike: SpikeConfig = SpikeConfig()
+    fault: FaultConfig = FaultConfig()
     run_dir: str
     seed: int = Field(0, ge=0)  # model init and per-rank RNG seeds
     # torch.use_deterministic_algorithms: true (warn_only: bitwise on a CPU, up to kernel
@@ -228,6 +276,11 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "parallel.expert_parallel > 1 needs zero_stage 1 or 2 (stage 0 checkpoints "
                 "hold only rank 0's experts, so a resume would lose the others)"
+            )
+        at = self.fault.spike_at_step
+        if at is not None and at > self.max_steps:
+            raise ValueError(
+                f"fault.spike_at_step={at} > max_steps={self.max_steps}: it would never fire"
             )
         if self.schedule.warmup_steps > self.max_steps:
             raise ValueError(

@@ -211,6 +211,15 @@ class Console:
         self.line(f"run dir: {cfg.run_dir} (checkpoints: {cfg.checkpoint_dir})")
         if cfg.logging.peak_tflops is None:
             self.line("MFU: not shown; set logging.peak_tflops to the device's peak TFLOP/s")
+        self.line(spike_guard_line(cfg))
+        at = cfg.fault.spike_at_step
+        if at is not None and at in trainer.guard.fault_fired_at:
+            self.line(f"fault: fault.spike_at_step={at} already fired in this run (once per run)")
+        elif at is not None:
+            self.line(
+                f"fault: the update of step {at} will be damaged on purpose "
+                f"(fault.spike_at_step; lr x{cfg.fault.spike_lr_factor:g}, once per run)"
+            )
         if resumed:
             self.line(resume_line(trainer, resumed, human(st.tokens)))
         else:
@@ -259,6 +268,9 @@ class Console:
         validation record."""
         if not self.active:
             return
+        if values.get("event") == "rollback":
+            self.line(rollback_line(values))
+            return
         self.last.update(values)
         if "val_loss" in values:
             self.line(
@@ -297,19 +309,22 @@ class Console:
             self._bar.close()
             self._bar = None
         from pretrain.model_info import human
-        from pretrain.trainer import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
+        from pretrain.trainer import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, SPIKE_EXIT_CODE
 
         st, cfg = trainer.state, trainer.cfg
         how = {
             0: "done",
             REQUEUE_EXIT_CODE: f"stopped by a signal (exit {REQUEUE_EXIT_CODE}: requeue to resume)",
             NONFINITE_EXIT_CODE: f"stopped: non-finite steps (exit {NONFINITE_EXIT_CODE})",
+            SPIKE_EXIT_CODE: f"stopped: repeated loss spikes (exit {SPIKE_EXIT_CODE})",
         }.get(code, f"exit {code}")
         train_s = 0.0 if self._fit_t0 is None else time.monotonic() - self._fit_t0
         ran = st.step - self.start_step
+        rollbacks = len(trainer.guard.rollbacks)
+        rolled = f", {rollbacks} rolled back" if rollbacks else ""
         self.line(
             f"{how}: step {st.step}/{cfg.max_steps} ({ran:,} this run, {st.skipped_steps} "
-            f"skipped), {human(st.tokens)} tokens; training {fmt_duration(train_s)}, wall "
+            f"skipped{rolled}), {human(st.tokens)} tokens; training {fmt_duration(train_s)}, wall "
             f"{fmt_duration(process_age())}"
         )
         losses = [f"loss {self.last['loss']:.4f}"] if "loss" in self.last else []
@@ -337,3 +352,35 @@ def resume_line(trainer, tag: str, tokens: str) -> str:
         f"resumed from {tag} (saved with {describe(loaded.saved)}; now {describe(loaded.now)}): "
         f"step {st.step}, {tokens} tokens seen, state resharded in {loaded.seconds:.1f}s; {togo}"
     )
+
+
+def spike_guard_line(cfg) -> str:
+    """The banner's account of the spike guard's thresholds (spike.*, pretrain/spike.py)."""
+    c = cfg.spike
+    if not c.enabled:
+        return "spike guard: off (spike.enabled=false): loss spikes are trained through"
+    norm = f" or grad norm > {c.grad_norm_ratio:g}x" if c.grad_norm_ratio > 0 else ""
+    return (
+        f"spike guard: roll back when {c.min_suspicious} of {c.window} steps have loss > "
+        f"{c.loss_ratio:g}x{norm} the median of the last {c.history} (and > {c.zscore:g} "
+        f"spreads), or are non-finite; at most {c.max_rollbacks} per {c.rollback_span} steps, "
+        "then exit 67"
+    )
+
+
+def rollback_line(v: dict[str, Any]) -> str:
+    """One line for a rollback record of metrics.jsonl (pretrain/spike.py)."""
+    a, b = v["skip_samples"]
+    first, last = v["skip_steps"]
+    losses = [x for x in v.get("losses", []) if x is not None]
+    ref = v.get("reference_loss")
+    seen = f"; loss up to {max(losses):.4g} vs median {ref:.4g}" if losses and ref else ""
+    back = v.get("to_tag") or "no save"
+    head = f"LOSS SPIKE at step {v['at_step']} ({v['why']}, first at step {v['first_step']}{seen})"
+    skip = f"samples {a}-{b - 1} (the batches of steps {first}-{last})"
+    if v.get("stopped"):
+        return f"{head}: set aside the saves after {back}, which skips {skip} on a rerun; stopping"
+    lr = ""
+    if v.get("lr_factor", 1.0) != 1.0 and v.get("lr_until_step") is not None:
+        lr = f"; lr x{v['lr_factor']:g} until step {v['lr_until_step']}"
+    return f"ROLLBACK {v['rollback']}: {head}: back to {back}, skipping {skip}{lr}"

@@ -28,10 +28,17 @@ The bijections are Feistel networks over the next power of four with cycle walki
 permutation of billions of windows costs nothing to hold. Data parallel rank r of dp takes
 the samples i of each global batch with i % dp == r; the union over ranks is the same for any
 dp, so a run resumed on another number of GPUs (same global batch) sees the same samples.
+
+Skipped ranges: a spike rollback (pretrain/spike.py) names global sample ranges that no batch
+may take. A global batch starting at position p is then the next global_batch indices >= p
+outside every range, and the position after it is its last index + 1: the trainer's `samples`
+counter is a position in the order above, not a count. The ranges travel in the checkpoint
+and in rollbacks.json, so every restart, requeue and dp size applies the same ones.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +239,7 @@ class TrainData:
             readers = [ShardReader(self.data_dir / r["path"], r["dtype"]) for r in recs]
             self.streams.append(stream_cls(label, readers, cfg.seq_len))
         self.schedule = SourceSchedule(self.shares, cfg.mixture_period, cfg.seed)
+        self.set_skipped([])
         for label, count in zip(self.labels, self.schedule.counts):
             if count == 0:
                 raise DataError(
@@ -281,9 +289,46 @@ class TrainData:
             )
         return s, window
 
+    # Skipped samples (spike rollback) ---------------------------------------------------------
+    def set_skipped(self, ranges: list[tuple[int, int]]) -> None:
+        """Global sample ranges [start, end) that no batch takes (the data of a loss spike,
+        pretrain/spike.py); merged and sorted. Pure: the batches depend on (seed, position,
+        ranges) only, so a restart or another dp that is given the same ranges sees the same."""
+        merged: list[list[int]] = []
+        for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.skipped = [(a, b) for a, b in merged]
+        self._skip_starts = [a for a, _ in self.skipped]
+
+    def batch_samples(self, first: int, global_batch: int) -> list[int]:
+        """The global sample indices of the global batch that starts at position `first`: the
+        next `global_batch` indices from `first` that no skipped range holds."""
+        ids: list[int] = []
+        i, k = first, bisect.bisect_right(self._skip_starts, first) - 1  # k: last range <= i
+        if k >= 0 and i < self.skipped[k][1]:
+            i = self.skipped[k][1]
+        k += 1  # the first range that starts after i (ranges are merged: none touch)
+        while len(ids) < global_batch:
+            want = global_batch - len(ids)
+            stop = self.skipped[k][0] if k < len(self.skipped) else i + want
+            take = min(want, stop - i)
+            ids.extend(range(i, i + take))
+            i += take
+            if len(ids) < global_batch:  # reached range k: jump over it
+                i, k = self.skipped[k][1], k + 1
+        return ids
+
+    def batch_end(self, first: int, global_batch: int) -> int:
+        """The position after the global batch that starts at `first` (the next batch's)."""
+        return self.batch_samples(first, global_batch)[-1] + 1
+
     def rank_samples(self, first: int, global_batch: int, dp: int, rank: int) -> list[int]:
-        """This rank's global sample indices of the global batch that starts at `first`."""
-        return [i for i in range(first, first + global_batch) if (i - first) % dp == rank]
+        """This rank's global sample indices of the global batch that starts at `first`: every
+        dp-th, from the rank's own offset, so the union over ranks is the same for any dp."""
+        return self.batch_samples(first, global_batch)[rank::dp]
 
     def micro_batches(
         self, first: int, global_batch: int, dp: int, rank: int, micro: int

@@ -2,7 +2,11 @@
 
 Only values computed by the trainer and the resolved config reach wandb; never the environment
 (tokens and cluster variables live there). On resume, lines of steps after the checkpoint are
-dropped so that metrics.jsonl holds each step once, as the resumed run computes it.
+dropped so that metrics.jsonl holds each step once, as the resumed run computes it; event
+records (an `event` key: a spike rollback, pretrain/spike.py) are kept whatever their step.
+After a rollback the steps since the save are logged again: readers take the last record of a
+step. wandb plots against the trainer's `step` (its own counter only grows), so the replayed
+steps are not dropped there either.
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ class MetricsLogger:
                 config=config_dict,
                 resume="allow",
             )
+            self._wandb.define_metric("step")
+            self._wandb.define_metric("*", step_metric="step")
 
     def _truncate_after(self, step: int | None) -> None:
         if not self.path.is_file():
@@ -119,7 +125,7 @@ class MetricsLogger:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if step is not None and rec.get("step", 0) <= step:
+            if step is not None and ("event" in rec or rec.get("step", 0) <= step):
                 keep.append(line)
         atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
@@ -131,7 +137,7 @@ class MetricsLogger:
         self._fh.flush()
         if self._wandb is not None:
             scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
-            self._wandb.log(scalars, step=step)
+            self._wandb.log(scalars)  # `step` is among them: the x axis (define_metric)
         for listener in self.listeners:
             listener(step, values)
 

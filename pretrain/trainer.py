@@ -12,6 +12,14 @@ Exit codes (also returned by `python -m pretrain`):
   one; lower the lr or inspect the data before resuming.
 - 66 (mop.errors.DamagedStateError): resume found every checkpoint damaged (each one moved
   aside as step_X.damaged-N, pretrain/checkpoint.py); not requeued.
+- SPIKE_EXIT_CODE = 67: a loss spike came with `spike.max_rollbacks` rollbacks already within
+  `spike.rollback_span` steps (pretrain/spike.py). It was set aside like the others (the newest
+  save is from before it, its data is skipped on the rerun); not requeued: a person should look.
+
+Loss spikes (`spike.*`, on by default): after each step the spike guard judges the loss and the
+gradient norm; a spike rolls the run back to the newest save from before it, skips the data
+that led to it and goes on (pretrain/spike.py). Non-finite steps count as suspicious steps
+there, so with the defaults a run of them rolls back before `max_nonfinite_in_a_row` ends it.
 
 A step with a non-finite loss or gradient makes no optimizer update (DeepSpeed's ZeRO optimizer
 skips it and leaves the lr schedule where it was); its samples are consumed, and it is counted
@@ -21,6 +29,7 @@ in `skipped_steps`. `max_steps` counts attempted steps.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +56,7 @@ from pretrain.model.transformer import lm_loss
 from pretrain.parallel import Mesh
 from pretrain.parallel.mesh import collective_device
 from pretrain.parallel.tensor import vocab_parallel_lm_loss
+from pretrain.spike import SPIKE_EXIT_CODE, SpikeGuard
 from pretrain.stop import stop_requested
 
 REQUEUE_EXIT_CODE = 75
@@ -128,6 +138,10 @@ class Callback:
     def on_checkpoint(self, trainer: Trainer, tag: str, seconds: float, path: Path) -> None:
         """Called on every rank once a checkpoint is complete (the pointer moved)."""
 
+    def on_rollback(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        """Called on every rank after a spike rollback (pretrain/spike.py; `event` is its
+        rollbacks.json record); the state is already the save's, unless event["stopped"]."""
+
 
 class Trainer:
     def __init__(
@@ -147,6 +161,7 @@ class Trainer:
         self.state = TrainState()
         self.stopping = False  # all ranks agreed to stop after this step (stop signal)
         self.finished_reason: str | None = None  # set by request_stop: end after this step
+        self.guard = SpikeGuard(cfg.spike, cfg.fault, data, cfg.checkpoint_dir, mesh.rank)
 
     def request_stop(self, reason: str) -> None:
         """A callback's way to end the run as finished (exit 0, after saving) this step.
@@ -176,6 +191,7 @@ class Trainer:
                 "world_size": self.mesh.world_size,
                 "global_batch": self.sizes.global_batch,
                 "config_yaml": to_yaml(self.cfg),
+                "spike": self.guard.state_dict(),  # skipped samples, detector (pretrain/spike.py)
             }
         }
 
@@ -217,8 +233,10 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_checkpoint(self, done.tag, done.total_s, done.path)
 
-    def resume(self) -> str | None:
-        if self.cfg.checkpoint.resume == "never":
+    def resume(self, force: bool = False) -> str | None:
+        """Load the newest intact save (None: none). `force`: also with checkpoint.resume=never
+        (a spike rollback returns to this run's own saves)."""
+        if self.cfg.checkpoint.resume == "never" and not force:
             return None
         loaded = checkpoint.load(self.checkpoint_target)
         if loaded is None:
@@ -233,6 +251,7 @@ class Trainer:
             )
         for key in self.state.as_dict():
             setattr(self.state, key, int(cs[key]))
+        self.guard.load_state_dict(cs.get("spike"))
         return loaded.tag
 
     # The loop ---------------------------------------------------------------------------------
@@ -293,20 +312,39 @@ class Trainer:
 
     def fit(self) -> int:
         """Run to max_steps; returns the process exit code (see the module docstring)."""
-        st, cfg = self.state, self.cfg
+        st, cfg, guard = self.state, self.cfg, self.guard
+        guard.begin(self)  # a fresh start saves step 0 (a spike's way back)
         while st.step < cfg.max_steps:
+            guard.before_step(self)  # the lr of this step: a rollback's cool-down, the fault
+            first = st.samples
             result = self.train_step()
             st.step += 1
-            st.samples += self.sizes.global_batch
+            st.samples = self.data.batch_end(first, self.sizes.global_batch)
             st.tokens += self.sizes.tokens_per_step
             if result.applied:
                 st.nonfinite_in_a_row = 0
             else:
                 st.skipped_steps += 1
                 st.nonfinite_in_a_row += 1
+            spike = guard.observe(self, result, first)  # same inputs, same verdict on every rank
             self.stopping = self._stop_agreed()
             for cb in self.callbacks:
                 cb.on_step_end(self, result)
+            if spike is not None:
+                if guard.roll_back(self, spike):
+                    if self.mesh.rank == 0:
+                        message = guard.stop_message(self)
+                        print(f"[train] {message}", flush=True)
+                        print(f"error: {message}", file=sys.stderr, flush=True)
+                    return SPIKE_EXIT_CODE
+                if self.stopping:
+                    if self.mesh.rank == 0:
+                        print(
+                            f"[train] stop signal at a rollback (step {st.step}): exit "
+                            f"{REQUEUE_EXIT_CODE}; the restart resumes before the spike"
+                        )
+                    return REQUEUE_EXIT_CODE
+                continue
             if st.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
                 if self.mesh.rank == 0:
                     print(
@@ -350,6 +388,7 @@ class LoggingCallback(Callback):
             "grad_norm": result.grad_norm,
             "step_applied": result.applied,
             "skipped_steps": st.skipped_steps,
+            "rollbacks": len(trainer.guard.rollbacks),
             "samples": st.samples,
             "tokens": st.tokens,
             "tokens_per_s": tokens_per_s,
@@ -380,6 +419,12 @@ class LoggingCallback(Callback):
         self.logger.log(st.step, values)
         self._seconds, self._steps = 0.0, 0
 
+    def on_rollback(self, trainer: Trainer, event: dict[str, Any]) -> None:
+        # At the step the spike was declared; an event record (kept through a resume's
+        # truncation of later steps, pretrain/metrics.py). The console prints it from here.
+        self.logger.log(event["at_step"], {"event": "rollback", **event})
+        self._seconds, self._steps = 0.0, 0
+
 
 class CheckpointCallback(Callback):
     """When to save: every `checkpoint.interval` steps, at `max_steps`, and before a requeue
@@ -400,7 +445,7 @@ class CheckpointCallback(Callback):
             or step % self.interval == 0
             or step == self.max_steps
         )
-        if result.applied and due:
+        if result.applied and due and not trainer.guard.holds_save(trainer):
             trainer.save()
         ending = trainer.stopping or trainer.finished_reason is not None or step == self.max_steps
         trainer.report_checkpoints(wait=ending)

@@ -616,6 +616,18 @@ CASES: list[Case] = [
         train_yaml(),
     ),
     Case("train-seq-len", [*TRAIN, "data.seq_len=100000"], "data.seq_len", train_yaml()),
+    Case(
+        "train-spike-window",
+        [*TRAIN, "spike.min_suspicious=9"],
+        "spike.min_suspicious=9 > spike.window=8",
+        train_yaml(),
+    ),
+    Case(
+        "train-fault-past-end",
+        [*TRAIN, "fault.spike_at_step=999"],
+        "fault.spike_at_step",
+        train_yaml(),
+    ),
     Case("train-run-dir-is-file", [*TRAIN], "{case}/run", then(train_yaml(), file_at("run"))),
     Case(
         "train-ckpt-dir-is-file",

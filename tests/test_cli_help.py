@@ -95,3 +95,6 @@ def test_pretrain_help_says_how_to_resume_override_and_where_outputs_go() -> Non
     assert "Override any config field: dotted key=value" in text
     for output in ("run_dir", "metrics.jsonl", "checkpoints/", "config.yaml"):
         assert output in text
+    # the spike guard's knobs, how to check them, and its exit code
+    for knob in ("spike.loss_ratio", "spike.enabled=false", "fault.spike_at_step", "67"):
+        assert knob in text

@@ -1,6 +1,9 @@
 """Test-only launcher of `python -m pretrain` that injects faults (none in production code).
 
 MOP_TEST_KILL_AT_STEP=k          SIGKILL itself before step k+1 (after k completed steps)
+MOP_TEST_KILL_AT_CALL=n          SIGKILL itself before its n-th attempted step (1-based; counts
+                                 the steps replayed after a spike rollback, which KILL_AT_STEP
+                                 cannot tell from the first time)
 MOP_TEST_KILL_IN_SAVE_STEP=k     during the save of step k: half-write a file, then SIGKILL
 MOP_TEST_KILL_IN_SAVE_AT=phase   with MOP_TEST_KILL_IN_SAVE_STEP: SIGKILL at a later point of
                                  that save instead: `record` (files written, before this rank
@@ -36,19 +39,23 @@ def _int_env(name: str) -> int | None:
 
 
 KILL_AT = _int_env("MOP_TEST_KILL_AT_STEP")
+KILL_AT_CALL = _int_env("MOP_TEST_KILL_AT_CALL")
 KILL_IN_SAVE = _int_env("MOP_TEST_KILL_IN_SAVE_STEP")
 KILL_IN_SAVE_AT = os.environ.get("MOP_TEST_KILL_IN_SAVE_AT", "files")
 KILL_RANK = _int_env("MOP_TEST_KILL_RANK")
 SIGTERM_AT = _int_env("MOP_TEST_SIGTERM_AT_STEP")
 SLOW_SAVE = float(os.environ.get("MOP_TEST_SLOW_SAVE_S") or 0)
 NAN_STEPS = {int(s) for s in os.environ.get("MOP_TEST_NAN_STEPS", "").split(",") if s}
-CURRENT = {"step": -1}
+CURRENT = {"step": -1, "calls": 0}
 
 _train_step = trainer.Trainer.train_step
 
 
 def train_step(self):
     CURRENT["step"] = self.state.step
+    CURRENT["calls"] += 1
+    if KILL_AT_CALL is not None and CURRENT["calls"] == KILL_AT_CALL:
+        os.kill(os.getpid(), signal.SIGKILL)
     if KILL_AT is not None and self.state.step == KILL_AT:
         os.kill(os.getpid(), signal.SIGKILL)
     if SIGTERM_AT is not None and self.state.step == SIGTERM_AT:
