@@ -191,7 +191,9 @@ def test_truncated_shard_fails_fast(data_copy, tmp_path, capsys):
         capsys, "--config", TINY, *over(data_copy, tmp_path / "run"), "--fast"
     )
     assert code == doctor.FAIL_EXIT_CODE
-    assert rows["data"][0] == "fail" and "truncated or replaced" in rows["data"][1]
+    # the shard format's own check names the shard and says it was cut short
+    assert rows["data"][0] == "fail" and "truncated" in rows["data"][1]
+    assert "u00000-0000" in rows["data"][1]
     assert "fix: data: re-run `python -m data_prep tokenize`" in out
 
 
@@ -380,3 +382,39 @@ def test_an_optimizer_step_that_fails_is_reported(capsys, monkeypatch):
     assert "torch AdamW foreach step on cpu failed: RuntimeError" in rows["optimizer"][1]
     assert "fix: optimizer: install a torch build whose AdamW has this kernel" in out
     assert err.strip() == "error: doctor found 1 problem(s): optimizer"
+
+
+def test_imported_megatron_data_passes_the_fast_data_check(tmp_path, capsys):
+    """An import-megatron directory: its .bin also holds the held-out tail and Megatron's
+    int32 where our tokenizer would write uint16, so the size check must read the index
+    (train.sbatch runs `doctor --fast` before every training job)."""
+    import numpy as np
+
+    from data_prep import megatron_import
+    from tests.data_prep.test_megatron_format import _tokenizer, megatron_write, random_docs
+
+    tok_path, vocab, eos = _tokenizer(tmp_path)
+    docs = random_docs(np.random.default_rng(5), 200, vocab, eos)
+    megatron_write(tmp_path / "c_text_document", docs, np.int32)
+    out = tmp_path / "imported"
+    megatron_import.import_megatron(
+        [str(tmp_path / "c_text_document")], str(tok_path), str(out), validation_sequences=2,
+        validation_seq_len=16,
+    )  # fmt: skip
+    extra = {"model.vocab_size": vocab, "data.seq_len": 16}
+    code, rows, out_text, err = run_doctor(
+        capsys, "--config", TINY, *over(out, tmp_path / "run", **extra), "--fast"
+    )
+    assert rows["data"][0] == "ok", out_text + err
+    shard = out / megatron_import_first_shard(out)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])  # and a .bin cut into its training part is caught
+    code, rows, out_text, _ = run_doctor(
+        capsys, "--config", TINY, *over(out, tmp_path / "run2", **extra), "--fast"
+    )
+    assert code == doctor.FAIL_EXIT_CODE and rows["data"][0] == "fail", out_text
+
+
+def megatron_import_first_shard(data: Path) -> str:
+    manifest = json.loads((data / "manifest.json").read_text())
+    return manifest["shards"][0]["path"] + ".bin"
