@@ -46,10 +46,14 @@ class SequenceClassifier(nn.Module):
     def reset_parameters(self) -> None:
         """The decoder's scheme (N(0, init_std), residual outputs scaled by 1/sqrt(2L));
         the input projection is N(0, 1/m) so that unit-variance inputs give unit-scale
-        hidden states, and the head starts at zero (logit 0: no initial label preference)."""
+        hidden states, and the head starts at zero (logit 0: no initial label preference).
+        `query_init: zero` zeroes the query projections: attention starts uniform."""
         nn.init.normal_(self.input_proj.weight, std=self.cfg.input_dim**-0.5)
         nn.init.zeros_(self.input_proj.bias)
         init_blocks(self.blocks, self.cfg.init_std, self.cfg.n_layers)
+        if self.cfg.query_init == "zero":
+            for block in self.blocks:
+                nn.init.zeros_(block.attn.wq.weight)
         self.norm.weight.fill_(1.0)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

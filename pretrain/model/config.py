@@ -218,3 +218,7 @@ class ClassifierConfig(ModelConfig):
 
     input_dim: int = Field(32, ge=1)
     causal: bool = False
+    # "zero": the attention query projection starts at zero, so every position gets the same
+    # weight at step 0 (the length-2-path task needs an even sum over the edges; random
+    # query/key products at a large init_std leave some seeds stuck below 61%).
+    query_init: Literal["normal", "zero"] = "normal"

@@ -64,6 +64,25 @@ def test_classifier_reads_the_last_token_only_when_causal() -> None:
     assert not torch.allclose(model(x).logits, model(z).logits)
 
 
+def test_query_init_zero_starts_with_uniform_attention() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(_cfg("dense", query_init="zero"))
+    assert not model.blocks[0].attn.wq.weight.any() and model.blocks[1].attn.wk.weight.any()
+    for p in model.head.parameters():  # the zero-initialised head hides every input
+        torch.nn.init.normal_(p)
+    # one layer: uniform weights make the last position a plain mean over the others, so their
+    # order does not matter (RoPE rotates zero queries to zero); a random query makes it matter
+    one = build_classifier(_cfg("dense", n_layers=1, query_init="zero"))
+    normal = build_classifier(_cfg("dense", n_layers=1))
+    x = torch.randn(2, 8, 32)
+    shuffled = torch.cat([x[:, torch.randperm(7)], x[:, -1:]], dim=1)
+    for m in (one, normal):
+        for p in m.head.parameters():
+            torch.nn.init.normal_(p)
+    assert torch.allclose(one(x).logits, one(shuffled).logits, atol=1e-5)
+    assert not torch.allclose(normal(x).logits, normal(shuffled).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("ffn", ["dense", "soft_moe"])
 def test_tiny_classifier_memorizes_64_sequences(mem_dir: Path, ffn: str) -> None:
     torch.manual_seed(0)
@@ -133,7 +152,7 @@ def test_cli_writes_metrics_weights_config_and_results(mem_dir: Path, tmp_path: 
     ]
     assert main(argv) == 0
     doc = load_results(out)
-    assert doc["synthetic"]["memorization"] == {"accuracy": 1.0, "n": 64}
+    assert doc["synthetic"]["memorization"] == {"accuracy": 1.0, "n": 64, "seed": 0}
     model = doc["model"]
     assert model["name"] == "tiny_dense" and model["ffn"] == "dense" and model["d_model"] == 32
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -147,3 +166,49 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
     argv = ["--data", str(tmp_path), "--model", "configs/model/tiny_dense.yaml", "--steps", "1"]
     assert main([*argv, "--out", str(tmp_path / "o")]) != 0
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# -- the length-2-path task (held-out graphs) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def l2p_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("l2p") / "data"
+    args = ["length2-path", "--out", str(out), "--size", "3000", "--vertices", "12"]
+    assert synthetic_cli([*args, "--max-degree", "3", "--num-test", "400", "--seed", "0"]) == 0
+    return out
+
+
+def test_cli_length2_path_reports_held_out_accuracy(l2p_dir: Path, tmp_path: Path) -> None:
+    from mop.results import load_results
+
+    out = tmp_path / "run"
+    argv = ["--data", str(l2p_dir), "--model", str(REPO / "configs/model/demo_l2p_dense_d32.yaml")]
+    argv += ["--steps", "300", "--lr", "3e-3", "--batch-size", "128", "--warmup", "20"]
+    argv += ["--schedule", "cosine", "--min-lr-ratio", "0", "--log-every", "100", "--out", str(out)]
+    assert main(argv) == 0
+    doc = load_results(out)
+    section = doc["synthetic"]["length2_path"]
+    assert section["n"] == 3000 and section["n_test"] == 400 and section["vertices"] == 12
+    assert (section["min_degree"], section["max_degree"]) == (2, 3)
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    # `accuracy` in results.json is the held-out one; the training accuracy sits beside it
+    assert section["accuracy"] == lines[-1]["test_accuracy"]
+    assert section["train_accuracy"] == lines[-1]["accuracy"]
+    # a width-32 model finds the shared vertex on 12-vertex graphs it never saw
+    assert section["accuracy"] >= 0.9, lines
+    # cosine: full lr after the warmup, then down to min_lr_ratio x lr at the last step
+    assert [r["step"] for r in lines] == [100, 200, 300]
+    assert 3e-3 > lines[0]["lr"] > lines[1]["lr"] > lines[2]["lr"] and lines[2]["lr"] < 3e-5
+    assert doc["model"]["d_model"] == 32 and "input_dim: 13" in (out / "config.yaml").read_text()
+
+
+def test_constant_schedule_keeps_the_warmup_then_the_lr(mem_dir: Path) -> None:
+    torch.manual_seed(0)
+    x, y = load_memorization(mem_dir)
+    logs: list[dict] = []
+    model = build_classifier(_cfg("dense"))
+    xt, yt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))
+    train_classifier(model, xt, yt, 6, 1e-3, warmup=4, log_every=1, log=logs.append)
+    assert [r["lr"] for r in logs] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert all("test_accuracy" not in r for r in logs)  # memorization: test = train
