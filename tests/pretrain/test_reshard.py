@@ -15,6 +15,7 @@ in the wrong place or a wrong lr moves a loss by 1e-3 or more within a step or t
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -69,7 +70,7 @@ def _assert_continues(ref: Path, run: Path, res, saved: str, now: str) -> None:
 @pytest.fixture(scope="module")
 def dense_pair(data_dir, tmp_path_factory):
     serial, tp2 = tmp_path_factory.mktemp("dense1"), tmp_path_factory.mktemp("dense_tp2")
-    _run(data_dir, serial, 1, DENSE)
+    _run(data_dir, serial, 1, {**DENSE, "checkpoint.async_save": "false"})  # synchronous saves
     _run(data_dir, tp2, 2, {**DENSE, "parallel.tensor_parallel": 2})
     return serial, tp2
 
@@ -83,6 +84,10 @@ def test_tp2_save_resumes_in_one_process(dense_pair, data_dir, tmp_path):
 
 def test_one_process_save_resumes_on_tp2(dense_pair, data_dir, tmp_path):
     serial, _ = dense_pair
+    # written synchronously (checkpoint.async_save=false): the loop waited for all of each save
+    records = [json.loads(ln) for ln in (serial / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in records if "checkpoint" in r]
+    assert saves and all(r["checkpoint_blocking_s"] == r["checkpoint_total_s"] for r in saves)
     res = _resume(serial, data_dir, tmp_path, 2, {**DENSE, "parallel.tensor_parallel": 2})
     _assert_continues(serial, tmp_path, res, "tp 1, ep 1, dp 1", "tp 2, ep 1, dp 1")
 
