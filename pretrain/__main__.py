@@ -48,8 +48,8 @@ Override any config field: dotted key=value after the options (values are YAML),
 Outputs go to run_dir: config.yaml (the resolved config), metrics.jsonl, checkpoints/
 (or checkpoint.dir), wandb/ (mode: logging.wandb_mode, else $WANDB_MODE, else offline).
 Resume: run the same command again. With checkpoint.resume=auto (the default) a run continues
-from the latest complete checkpoint in its checkpoint directory, also on another number of
-GPUs; checkpoint.resume=never starts fresh.
+from the latest complete checkpoint in its checkpoint directory, also in another layout
+(GPU count, tensor/expert parallel sizes; ZeRO 1/2 saves); checkpoint.resume=never starts fresh.
 Loss spikes (spike.*, on; pretrain/spike.py): loss > spike.loss_ratio=1.5 x the median of the
 last spike.history=100 normal steps (and spike.zscore=6 robust spreads above it), grad norm >
 spike.grad_norm_ratio=10 x its median, or non-finite, on spike.min_suspicious=4 of the last
