@@ -31,6 +31,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from eval.report_length2 import FIELDS as LENGTH2_FIELDS
+from eval.report_length2 import VERTICES as LENGTH2_VERTICES
+from eval.report_length2 import length2_figures, length2_markdown
 from eval.report_render import (
     draw,
     figure_point,
@@ -52,8 +55,10 @@ SYNTHETIC_FIELDS = {  # column -> (section, key) in the `synthetic` part of resu
     "shortest_path_valid": ("shortest_path", "valid_shortest_path"),
     "memorization_accuracy": ("memorization", "accuracy"),
     "memorization_n": ("memorization", "n"),
+    **LENGTH2_FIELDS,
 }
-INTEGER_FIELDS = ("memorization_n", "seed")  # counts: 64, not 64.0, in the CSV and on axes
+# counts: 64, not 64.0, in the CSV and on axes
+INTEGER_FIELDS = ("memorization_n", "seed", LENGTH2_VERTICES)
 PHONEBOOK_DIGITS = 8  # digits per number (data_prep.synthetic.phonebook.NUMBER_DIGITS)
 BITS_PER_ENTRY = PHONEBOOK_DIGITS * math.log2(10)  # 26.6: a number known for certain
 # Columns of results.csv: the data seed, the fields, and what the report derives from them.
@@ -463,9 +468,15 @@ def memorization_markdown(rows: Sequence[dict], threshold: float) -> list[str]:
 
 FigureMaker = Callable[[Sequence[dict], Path, float, list[dict]], list[Attempt]]
 SectionMaker = Callable[[Sequence[dict], float], list[str]]
-FIGURES: tuple[FigureMaker, ...] = (phonebook_figures, shortest_path_figures, memorization_figures)
+FIGURES: tuple[FigureMaker, ...] = (
+    phonebook_figures,
+    shortest_path_figures,
+    memorization_figures,
+    length2_figures,
+)
 SECTIONS: tuple[SectionMaker, ...] = (
     phonebook_markdown,
     memorization_markdown,
     shortest_path_markdown,
+    length2_markdown,
 )
