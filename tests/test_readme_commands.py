@@ -101,6 +101,10 @@ SAFE: dict[str, Safe] = {
         why="fewer graphs, same command",
     ),
     "python -m data_prep synthetic memorization --out data/mem --size 4096 --seed 0": Safe(),
+    "python -m data_prep synthetic length2-path --out data/l2p --size 50000 --vertices 16 --seed 0": Safe(
+        run="python -m data_prep synthetic length2-path --out data/l2p --size 2000 --vertices 16 --seed 0 --num-test 100",
+        why="fewer graphs, same command",
+    ),
     "python -m data_prep import-megatron --prefix /data/web_text_document /data/code_text_document --source web code --tokenizer tokenizer.json --out data/imported --validation-sequences 500": Safe(
         code=3, expect="tokenizer file not found: tokenizer.json", why="no Megatron files here"
     ),
@@ -167,6 +171,10 @@ SAFE: dict[str, Safe] = {
     "python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml --local": dry(
         "python -m slurm.submit sweep --grid configs/reproduce/memorization_cpu.yaml --local",
         "python -m pretrain.memorization",
+    ),
+    "python -m slurm.submit sweep --grid configs/reproduce/length2_path_cpu.yaml --local --jobs 2": dry(
+        "python -m slurm.submit sweep --grid configs/reproduce/length2_path_cpu.yaml --local --jobs 2",
+        "python -m data_prep synthetic length2-path",
     ),
     "python -m slurm.submit sweep --grid configs/reproduce/phonebook_cpu.yaml --local --jobs 2": dry(
         "python -m slurm.submit sweep --grid configs/reproduce/phonebook_cpu.yaml --local --jobs 2",
