@@ -513,6 +513,8 @@ def sweep_grid(sub: Any, args: argparse.Namespace, conflicting: Any) -> None:
         raise UserError("--local needs --grid GRID")
     if conflicting:
         raise UserError("--grid takes no training config, --models, --eval or overrides")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.jobs != 1 and not args.local:
         raise UserError("--jobs needs --local (on SLURM the run array runs in parallel)")
     grid = load_grid(args.grid)

@@ -167,6 +167,10 @@ def test_grid_refuses_a_second_sweep_spec(tmp_path: Path, capsys) -> None:
     assert "--local needs --grid" in capsys.readouterr().err
     assert main(["sweep", "configs/train/tiny_cpu.yaml"]) == 2
     assert "--models" in capsys.readouterr().err
+    assert main(["sweep", "--grid", str(path), "--jobs", "2"]) == 2
+    assert "--jobs needs --local" in capsys.readouterr().err
+    assert main(["sweep", "--grid", str(path), "--local", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
 
 
 def _finish(grid: G.GridConfig, run: G.Run, acc: float) -> None:
