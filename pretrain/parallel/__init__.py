@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -60,18 +61,31 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward. The forward is replaced on the instance, so parameter
     names (and checkpoints) are the same with and without it."""
     for block in model.blocks:
-        inner = block.forward
+        _checkpoint_block(block, block.forward)
 
-        def forward(*args, _inner=inner):
-            return checkpoint(_inner, *args, use_reentrant=False)
 
-        block.forward = forward
+def _checkpoint_block(block: nn.Module, inner: Callable) -> None:
+    def forward(*args, _inner=inner):
+        return checkpoint(_inner, *args, use_reentrant=False)
+
+    forward.checkpointed = inner  # the region's body, for apply_compile
+    block.forward = forward
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block in place (`nn.Module.compile`: parameter names, state dicts and
     checkpoints stay those of the plain model). Blocks, not the whole model: every block runs
     the same code, so one compiled graph serves all of them, and a graph break inside one
-    (the MoE layer's data-dependent expert sizes) stays inside it."""
+    (e.g. expert parallelism's host-side split sizes) stays inside it.
+
+    A checkpointed block is compiled inside its checkpoint: its body is compiled and the
+    compiled function checkpointed (the recompute in backward reruns the compiled code).
+    Compiling the checkpointed forward instead makes dynamo trace each checkpoint() region as
+    one graph or not at all, so any graph break in an MoE block (expert parallelism's
+    all-to-all sizes, the megablocks kernels, the per-expert loop) ran the whole block eagerly."""
     for block in model.blocks:
-        block.compile(backend=backend)
+        inner = getattr(block.forward, "checkpointed", None)
+        if inner is None:
+            block.compile(backend=backend)
+        else:
+            _checkpoint_block(block, torch.compile(inner, backend=backend))
