@@ -114,6 +114,10 @@ def train(
     profile: tuple[int, int] | None = None,
 ) -> int:
     prepare_env(de, cuda)  # before deepspeed is imported: DS_ACCELERATOR=cpu without CUDA
+    if not cuda:
+        from pretrain.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # each step reuses the last one's pages (no page faults)
     console.phase("importing DeepSpeed")
     quiet_third_party()
     import deepspeed
