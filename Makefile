@@ -25,6 +25,9 @@ install: $(PROJECT_STAMP)
 # the project, editable: its packages import from this checkout wherever Python runs
 $(PROJECT_STAMP): pyproject.toml $(STAMP)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	@# CPU: DeepSpeed's comm op built now, not in the first training run's start-up (~1 min)
+	@[ "$(HAS_CUDA)" = 1 ] || $(VPY) -c "from pretrain.launch import build_cpu_comm_op as b; b()" \
+	  || echo "[install] DeepSpeed's CPU comm op did not build (g++ missing?): the first CPU run builds it"
 	touch $@
 
 $(STAMP): requirements.txt requirements-gpu.txt
