@@ -35,7 +35,7 @@ import numpy as np
 
 from mop.cli import check_device
 from mop.config import apply_overrides, read_yaml, save_resolved, validate
-from mop.errors import ConfigError, check_dir_target, cli_entry
+from mop.errors import ConfigError, DataError, check_dir_target, cli_entry
 from pretrain.model.config import ClassifierConfig
 
 # torch is imported inside the functions: a bad flag or path is reported before it loads.
@@ -101,7 +101,7 @@ def load_task(data_dir: str) -> TensorTask:
     if splits.get("test") and splits["test"] != splits.get("train"):
         test = load_split(data_dir, "test")
         if test[0].shape[1:] != train[0].shape[1:]:
-            raise ConfigError(f"{data_dir}: test and train sequences differ in shape")
+            raise DataError(f"{data_dir}: test and train sequences differ in shape")
     task = manifest["task"]
     return TensorTask(str(task["name"]), dict(task.get("config") or {}), train, test)
 

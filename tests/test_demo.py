@@ -1,5 +1,6 @@
 """`python -m demo` (the README's first command, `make demo`) end to end, as a user runs
-it: every stage's real CLI on generated data, and the verdict line of the memorization pair.
+it: every stage's real CLI on generated data, and the verdict lines of the memorization pair
+and the reasoning trio.
 A few minutes on 2 CPU cores."""
 
 from __future__ import annotations
@@ -38,14 +39,24 @@ def test_demo_runs_every_stage(tmp_path):
     for run in ("tiny_dense", "tiny_moe"):
         tags = sorted((out / "runs" / run / "checkpoints").glob("step_*"))
         assert (tags[-1] / "results.json").is_file(), run
-    # the paper's finding: dense vs MoE at equal active parameters, one verdict line
-    (verdict,) = [x for x in res.stdout.splitlines() if x.startswith("[demo] verdict: ")]
+    # the paper's two findings: one verdict line each (memorization, then reasoning)
+    verdict, reasoning = [x for x in res.stdout.splitlines() if x.startswith("[demo] verdict: ")]
     assert re.search(
         r"memorization, n=8192: dense [\d.]+% \([\d.]+K active / [\d.]+K total\) vs "
         r"MoE 16x [\d.]+% \([\d.]+K active / [\d.]+K total\): at equal active parameters "
         r"the MoE memorizes more \(\+[\d.]+ points\)",
         verdict,
     ), verdict
+    side = r"[\d.]+% \([\d.]+K? active / [\d.]+K? total\)"
+    assert re.search(
+        rf"reasoning, length-2 path \|V\|=16: dense m=8 {side} vs MoE 16x m=8 {side} vs "
+        rf"dense m=32 {side}: extra experts (did not buy reasoning \([+-][\d.]+ points\); "
+        r"width did|bought little reasoning \(\+[\d.]+ points\); width far more) "
+        r"\(\+[\d.]+ points\)",
+        reasoning,
+    ), reasoning
+    for name in ("dense_d8", "moe16_d8", "dense_d32"):
+        assert (out / f"runs/length2_path_{name}/results.json").is_file()
     for name in ("dense", "moe16"):
         assert (out / f"runs/memorization_{name}/results.json").is_file()
     book = json.loads(
@@ -53,5 +64,6 @@ def test_demo_runs_every_stage(tmp_path):
     )
     assert book["synthetic"]["phonebook"]["book_size"] == 2000
     report = (out / "report/report.md").read_text()
-    assert "5 checkpoint(s)" in report and (out / "report/results.csv").is_file()
+    assert "8 checkpoint(s)" in report and (out / "report/results.csv").is_file()
     assert "| memorization_dense |" in report and "| memorization_moe16 |" in report
+    assert "## Length-2 path (reasoning, theory task)" in report
