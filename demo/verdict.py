@@ -19,7 +19,8 @@ from pretrain.model_info import human
 
 MARGIN = 0.05  # accuracy gap (fraction) the MoE must clear for the line to claim a separation
 # Reasoning: an MoE gain past the margin is still "little" next to a width gain this many times
-# larger (the demo's seeds 0-2: the MoE -3.4 to +5.1 points from its dense match, width +26 to +33).
+# larger (the demo's seeds 0-2: the MoE -3.4 to +5.05 points from its dense match, width +26
+# to +33).
 LITTLE = 3.0
 
 
