@@ -254,7 +254,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "python -m pretrain.memorization --data data/mem --model "
             "configs/model/synth12_dense_d256.yaml d_model=128 --steps 500 --out runs/mem/d128",
             "python -m pretrain.memorization --data data/l2p --model "
-            "configs/reproduce/models/l2p_dense_d32.yaml --steps 2000 --lr 3e-3 "
+            "configs/model/demo_l2p_dense_d32.yaml --steps 1000 --lr 3e-3 --warmup 200 "
             "--batch-size 256 --schedule cosine --out runs/l2p/d32",
             notes="Outputs in --out: metrics.jsonl, model.safetensors, config.yaml, results.json.",
         ),
