@@ -3,7 +3,7 @@
 Columns: name, layers, d, experts, total params, active params per token, training FLOPs per
 token (formula in pretrain/model/accounting.py). `--json` prints one JSON object per config.
 A config is counted as the decoder LM (`python -m pretrain`: embeddings and LM head), or, with
-`--classifier` or when the YAML sets `input_dim`, as the sequence classifier that
+`--classifier` or when the YAML sets a classifier's field (`input_dim`, `query_init`), as the sequence classifier that
 `python -m pretrain.memorization` builds from it (input projection and one-logit head instead):
 the numbers its results.json and the demo's verdict report.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from mop.cli import ArgumentParser, examples
 from mop.config import find_configs, load_config, read_yaml
 from mop.errors import ConfigError, cli_entry
-from pretrain.model.config import ClassifierConfig, ModelConfig
+from pretrain.model.config import ClassifierConfig, ModelConfig, is_classifier_yaml
 
 
 def human(n: float) -> str:
@@ -66,7 +66,7 @@ def describe(
     path: str, overrides: list[str], seq_len: int | None, attention: str, classifier: bool = False
 ) -> dict:
     path = model_yaml_for(path)
-    classifier = classifier or "input_dim" in read_yaml(path)
+    classifier = classifier or is_classifier_yaml(read_yaml(path))
     cfg = load_config(ClassifierConfig if classifier else ModelConfig, path, overrides)
     from pretrain.model.accounting import model_size  # imports torch: after the config is valid
 

@@ -156,8 +156,10 @@ def _truncate_idx(data: bytes) -> bytes:
 
 def _pointer_past_bin(data: bytes) -> bytes:
     """A Megatron .idx whose fourth sequence pointer runs far past the end of the .bin."""
-    n = int.from_bytes(data[18:26], "little")  # the sequence count after magic/version/dtype
-    at = 34 + 4 * n + 8 * 3
+    from data_prep.shards import HEADER  # the layout is the format module's
+
+    n = HEADER.unpack(data[: HEADER.size])[3]  # sequences; lengths (i32) precede the pointers
+    at = HEADER.size + 4 * n + 8 * 3
     return data[:at] + (10**9).to_bytes(8, "little") + data[at + 8 :]
 
 

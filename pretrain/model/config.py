@@ -222,3 +222,11 @@ class ClassifierConfig(ModelConfig):
     # weight at step 0 (the length-2-path task needs an even sum over the edges; random
     # query/key products at a large init_std leave some seeds stuck below 61%).
     query_init: Literal["normal", "zero"] = "normal"
+
+
+def is_classifier_yaml(data: dict) -> bool:
+    """Whether a model YAML (as read) is a sequence classifier's: it sets a field only
+    `ClassifierConfig` has (input_dim, query_init). One rule for pretrain.model_info and the
+    config tests; `ModelConfig` would refuse such a file as an unknown field."""
+    only_classifier = set(ClassifierConfig.model_fields) - set(ModelConfig.model_fields)
+    return bool(only_classifier & set(data))

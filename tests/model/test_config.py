@@ -4,7 +4,12 @@ import pytest
 
 from mop.config import load_config, read_yaml
 from mop.errors import ConfigError
-from pretrain.model.config import ClassifierConfig, ModelConfig, default_ffn_hidden
+from pretrain.model.config import (
+    ClassifierConfig,
+    ModelConfig,
+    default_ffn_hidden,
+    is_classifier_yaml,
+)
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "model").glob("*.yaml"))
 
@@ -68,8 +73,11 @@ def test_soft_moe_refuses_causal_lm(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_grid_configs_load(path):
-    # a YAML that sets input_dim is a classifier's (pretrain.memorization; model_info knows it)
-    cfg = load_config(ClassifierConfig if "input_dim" in read_yaml(path) else ModelConfig, path)
+    # a YAML that sets a classifier's field is a classifier's (pretrain.memorization reads it;
+    # model_info knows it)
+    cfg = load_config(
+        ClassifierConfig if is_classifier_yaml(read_yaml(path)) else ModelConfig, path
+    )
     if path.stem.startswith(("dense_", "moe_")):
         assert cfg.n_layers == 20 and cfg.num_heads == cfg.d_model // 64
     if path.stem.startswith("synth12"):
@@ -83,3 +91,9 @@ def test_grid_is_complete():
     assert {f"dense_d{d}" for d in (256, 512, 1024, 2048, 4096)} <= names
     assert {f"moe_d{d}_e{e}" for d in (256, 512, 1024) for e in (8, 16, 32, 64)} <= names
     assert {"tiny_dense", "tiny_moe"} <= names
+
+
+def test_classifier_yaml_is_told_by_its_own_fields():
+    assert is_classifier_yaml({"d_model": 8, "query_init": "zero"})
+    assert is_classifier_yaml({"input_dim": 17})
+    assert not is_classifier_yaml({"d_model": 8, "ffn": "moe"})

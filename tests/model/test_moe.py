@@ -122,10 +122,12 @@ def _expert_inputs(counts, dtype=torch.float32, d=32, f=48):
     return xs, ws
 
 
-def test_cpu_runs_the_experts_as_grouped_gemms_bit_identical_to_the_loop(monkeypatch):
+def test_cpu_runs_the_experts_as_grouped_gemms_like_the_loop(monkeypatch):
     """On CPU the torch backend runs torch._grouped_mm (its CPU kernel is the loop's own mm):
-    the same bits as the per-expert loop, forward and backward, an empty expert included, and
-    no host list of sizes (nothing to sync, nothing that breaks a compiled graph)."""
+    the same bits as the per-expert loop forward, an empty expert included, and no host list
+    of sizes (nothing to sync, nothing that breaks a compiled graph). Backward agrees to fp32
+    rounding: bit for bit on this machine, not on CI's CPU (the weight gradients' reduction
+    order follows the CPU's vector width)."""
     from pretrain.model import moe_backends
 
     monkeypatch.setattr(moe_backends, "_GROUPED_MM_OK", None)
@@ -143,7 +145,8 @@ def test_cpu_runs_the_experts_as_grouped_gemms_bit_identical_to_the_loop(monkeyp
     g = torch.randn_like(out)
     got = torch.autograd.grad((out * g).sum(), [xs, *ws])
     want = torch.autograd.grad((ref * g).sum(), [xs, *ws])
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_layer_traces_into_one_graph():

@@ -171,6 +171,7 @@ def fake_trainer(**extra) -> SimpleNamespace:
         mesh=two_dp_ranks(),
         sizes=SimpleNamespace(tokens_per_step=8),
         data=SimpleNamespace(labels=["web"]),
+        guard=SimpleNamespace(rollbacks=[]),  # the spike guard: no rollback so far
         **extra,
     )
 
