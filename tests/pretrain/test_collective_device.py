@@ -46,7 +46,7 @@ MODEL_DEVICE_MODULES = {
     "pretrain/parallel/expert.py",
     "pretrain/parallel/tensor.py",
     "pretrain/parallel/tensor_layers.py",
-    "pretrain/doctor.py",
+    "pretrain/doctor_env.py",
 }
 # Functions elsewhere whose collectives run on tensors that already live on the engine's
 # device: ZeRO's own bit16/fp32 partitions (views into the module's flat buffer).

@@ -117,7 +117,7 @@ def test_doctor_checkpoint_estimate_matches_the_real_checkpoint(runs, data_dir):
     with the size of the checkpoint this run wrote (fp32, ZeRO-1)."""
     from mop.config import load_config
     from pretrain.config import TrainConfig
-    from pretrain.doctor import checkpoint_bytes
+    from pretrain.doctor_job import checkpoint_bytes
 
     run, _, _ = runs
     cfg = load_config(

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from mop.config import load_config
-from pretrain import doctor
+from pretrain import doctor, doctor_env, doctor_job
 from pretrain.config import TrainConfig
-from pretrain.doctor import checkpoint_bytes, main
+from pretrain.doctor import main
+from pretrain.doctor_job import checkpoint_bytes
 from tests.pretrain.conftest import REPO, VOCAB, subprocess_env
 
 TINY = str(REPO / "configs/train/tiny_cpu.yaml")
@@ -32,7 +33,7 @@ def cpu_job_env(monkeypatch):
         "SLURM_NTASKS",
         "SLURM_NTASKS_PER_NODE",
         "SLURM_TASKS_PER_NODE",
-        *doctor.SLURM_GPU_VARS,
+        *doctor_job.SLURM_GPU_VARS,
         "WANDB_API_KEY",
     ):
         monkeypatch.delenv(key, raising=False)
@@ -143,7 +144,7 @@ def test_layout_that_does_not_divide_fails(data_dir, tmp_path, capsys):
 
 
 def test_full_disk_fails(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(doctor, "disk_free", lambda path: 1_000_000)
+    monkeypatch.setattr(doctor_job, "disk_free", lambda path: 1_000_000)
     code, rows, out, _ = run_doctor(
         capsys, "--config", TINY, *over(data_dir, tmp_path / "run"), "--fast"
     )
@@ -343,7 +344,7 @@ def test_a_deepspeed_op_that_cannot_build_fails(capsys, monkeypatch):
     def no_compiler():
         raise RuntimeError("Error building extension 'deepspeed_shm_comm'")
 
-    monkeypatch.setattr(doctor, "_deepspeed_op", no_compiler)
+    monkeypatch.setattr(doctor_env, "_deepspeed_op", no_compiler)
     code, rows, out, err = run_doctor(capsys)
     assert code == doctor.FAIL_EXIT_CODE
     assert (
@@ -359,12 +360,12 @@ def test_gpu_optimizer_check_steps_torch_fused_adamw(monkeypatch):
     # no DeepSpeed op for it (DeepSpeed's FusedAdam is no longer what training runs).
     stepped = []
     monkeypatch.setattr(
-        doctor, "_adamw_step", lambda device, kernel: stepped.append((device, kernel))
+        doctor_env, "_adamw_step", lambda device, kernel: stepped.append((device, kernel))
     )
     check = doctor.check_optimizer(cuda=True, fast=False)
     assert stepped == [("cuda", {"fused": True})]
     assert (check.status, check.detail) == ("ok", "torch AdamW fused step ok on cuda")
-    monkeypatch.setattr(doctor, "_deepspeed_op", lambda: stepped.append("ds op"))
+    monkeypatch.setattr(doctor_env, "_deepspeed_op", lambda: stepped.append("ds op"))
     assert doctor.check_deepspeed(cuda=True, fast=False).status == "ok"
     assert stepped == [("cuda", {"fused": True})]
     assert doctor.check_optimizer(cuda=True, fast=True).status == "ok"  # --fast: no step

@@ -230,26 +230,26 @@ def test_logits_are_freed_before_the_backward_and_the_next_forward():
 
 def test_doctor_checks_the_binding_inside_the_step():
     """Run under srun, the doctor sees each task's own view: one GPU of the node's eight."""
-    from pretrain import doctor
+    from pretrain import doctor_job
 
     cfg = load_config(TrainConfig, TINY, ["batch.grad_accum=1"])
-    layout = doctor.Layout(world=16, per_node=8, gpus_needed=8)
+    layout = doctor_job.Layout(world=16, per_node=8, gpus_needed=8)
     step = {"SLURM_LOCALID": "3", "SLURM_PROCID": "11", "SLURM_NTASKS": "16",
             "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "3"}  # fmt: skip
-    rows = {c.name: c for c in doctor.check_layout(cfg, layout, 1, doctor.slurm_gpus(step))}
+    rows = {c.name: c for c in doctor_job.check_layout(cfg, layout, 1, doctor_job.slurm_gpus(step))}
     assert rows["gpus"].status == "ok" and "per-task binding" in rows["gpus"].detail
-    binding = doctor.check_gpu_binding(layout, step, visible=1)
+    binding = doctor_job.check_gpu_binding(layout, step, visible=1)
     assert binding.status == "ok" and "local rank 3 -> cuda:0" in binding.detail
     # every GPU visible to every task (torchrun, --gpus-per-node): local rank r takes cuda:r
     node = {"LOCAL_RANK": "3", "RANK": "3", "WORLD_SIZE": "16"}
-    assert "local rank 3 -> cuda:3" in doctor.check_gpu_binding(layout, node, 8).detail
+    assert "local rank 3 -> cuda:3" in doctor_job.check_gpu_binding(layout, node, 8).detail
     # 8 tasks, all seeing the same 4 GPUs: two ranks per GPU, which NCCL refuses
-    shared = doctor.check_gpu_binding(layout, {**node, "SLURM_GPUS_ON_NODE": "4"}, 4)
+    shared = doctor_job.check_gpu_binding(layout, {**node, "SLURM_GPUS_ON_NODE": "4"}, 4)
     assert shared.status == "fail" and "--gpus-per-task=1" in shared.fix
     # 2 GPUs bound to each task: one idles
-    two = doctor.check_gpu_binding(layout, {**step, "CUDA_VISIBLE_DEVICES": "6,7"}, 2)
+    two = doctor_job.check_gpu_binding(layout, {**step, "CUDA_VISIBLE_DEVICES": "6,7"}, 2)
     assert two.status == "warn" and "1 of them stay idle" in two.detail
-    assert doctor.check_gpu_binding(doctor.Layout(2, 2, 0), node, 0) is None  # a CPU run
+    assert doctor_job.check_gpu_binding(doctor_job.Layout(2, 2, 0), node, 0) is None  # a CPU run
 
 
 # Deterministic mode ----------------------------------------------------------------------------
