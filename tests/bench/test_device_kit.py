@@ -100,7 +100,7 @@ def test_a_hung_step_is_killed_with_its_children_and_the_rest_runs(tmp_path):
 
 
 def test_e64_runs_with_the_layers_that_fit_and_dense_keeps_twenty():
-    args = argparse.Namespace(smoke=False, seq_len=2048)
+    args = argparse.Namespace(smoke=False, cpu=False, seq_len=2048)  # the GPU profile
     h200 = 139 * 2**30
     moe = train_throughput.model_config(
         Case("e64", "ours", "moe_d1024_e64", "configs/model/moe_d1024_e64.yaml", "torch", False),

@@ -184,6 +184,7 @@ def test_cli_length2_path_reports_held_out_accuracy(l2p_dir: Path, tmp_path: Pat
 
     out = tmp_path / "run"
     argv = ["--data", str(l2p_dir), "--model", str(REPO / "configs/model/demo_l2p_dense_d32.yaml")]
+    argv += ["input_dim=13"]  # |V| + 1 on this test's 12-vertex graphs (the demo's YAML: |V| = 16)
     argv += ["--steps", "300", "--lr", "3e-3", "--batch-size", "128", "--warmup", "20"]
     argv += ["--schedule", "cosine", "--min-lr-ratio", "0", "--log-every", "100", "--out", str(out)]
     assert main(argv) == 0

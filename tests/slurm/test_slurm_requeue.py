@@ -148,6 +148,11 @@ def test_two_tasks_under_srun_form_one_job(tmp_path):
         "MOP_SLURM_DIR": str(REPO / "slurm"),  # submitted from elsewhere than the repo
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
+        # left over in the submitting shell (a torchrun session, a test's trainer): the job's
+        # tasks must take their ranks from srun, not from these
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
     }
     cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0"]
     cmd += ["--cpus-per-task=1", "--time=15", f"--output={logs}/%j.out", "--export=ALL"]
