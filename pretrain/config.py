@@ -108,7 +108,8 @@ class SpikeConfig(StrictModel):
     """Loss-spike rollback (pretrain/spike.py). A step is suspicious when its loss is above
     `loss_ratio` x the median of the last `history` normal steps and `zscore` robust spreads
     above it, when its gradient norm is likewise above `grad_norm_ratio` x its median, or when
-    it was non-finite. `min_suspicious` of the last `window` steps suspicious = a spike: the run
+    it was non-finite. `min_suspicious` of the last `window` steps suspicious, at least one of
+    them by its loss or non-finite (gradient-norm alarms alone never are) = a spike: the run
     returns to the newest save from before it, skips the batches from `skip_before` steps
     before the first suspicious one through the detection step, and goes on. Defaults are
     conservative: a clean run never rolls back."""

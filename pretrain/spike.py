@@ -1,7 +1,7 @@
 """Loss-spike rollback (`spike.*`) and the fault that exercises it (`fault.spike_at_step`).
 
 Detection. Each step is judged against the recent *normal* steps: the last `spike.history`
-steps that were applied, finite and not suspicious. Their median and robust spread
+steps that were applied, finite and not suspicious by their loss. Their median and robust spread
 (1.4826 x the median absolute deviation) of the loss and of the global gradient norm are the
 reference. A step is suspicious when
 
@@ -13,7 +13,11 @@ reference. A step is suspicious when
 Both conditions of a test must hold: the ratio keeps a smooth late-training curve (tiny spread)
 from alarming on harmless wiggles, the spread keeps a noisy small loss (a synthetic task near
 zero) from alarming on its own noise. A spike is `min_suspicious` suspicious steps among the
-last `window` steps, so one noisy step is never an alarm. Judging starts once the reference
+last `window` steps, so one noisy step is never an alarm, and at least one of them must be a
+loss or non-finite step: gradient-norm alarms alone never roll back. A model leaving a loss
+plateau (a synthetic task before memorization starts, where the gradient is tiny) multiplies
+its gradient norm tenfold while its loss stays on the plateau; clipped updates of that size do
+not damage the weights, and damage that matters shows in the loss. Judging starts once the reference
 holds `min_history` steps. The inputs are the rank-averaged loss and the global norm, so every
 rank sees the same numbers and decides the same.
 
@@ -23,8 +27,8 @@ F-1 damaged the weights. So the batches of steps F - skip_before .. D (D: the st
 was declared at) are skipped, and the run returns to the newest save from before update
 F - max(skip_before, 1), i.e. a save of step <= F - 1 - max(skip_before, 1). Saves of later
 steps are set aside (`step_X.spike-N`, never deleted; a background save in flight is awaited
-first); while the window holds a suspicious step
-no interval or stop-signal save is taken (it would push a good save out of `keep_last`), only
+first); while the window holds a loss or non-finite alarm no interval or stop-signal save
+is taken (it would push a good save out of `keep_last`), only
 the final one. If `keep_last` left no save that old, the newest intact save is used (a line says
 so). A fresh run saves step 0 first, so a spike before the first interval save returns to the
 initial weights.
@@ -71,6 +75,7 @@ MAD_TO_SIGMA = 1.4826  # median absolute deviation -> standard deviation of a no
 
 # Why a step is suspicious ("" = normal).
 LOSS, GRAD_NORM, NONFINITE = "loss", "grad_norm", "non-finite"
+DAMAGE = (LOSS, NONFINITE)  # what a rollback needs to see at least once in its window
 
 
 def median(values: list[float]) -> float:
@@ -167,21 +172,26 @@ class SpikeDetector:
 
     @property
     def suspect(self) -> bool:
-        """The window holds a suspicious step (a save now might hold damaged weights)."""
-        return self.armed and any(r.why for r in self.window())
+        """The window holds a step with damage in its loss (a save now might hold damaged
+        weights); a gradient-norm alarm alone does not hold saves back."""
+        return self.armed and any(r.why in DAMAGE for r in self.window())
 
     def observe(self, rec: StepRecord) -> Spike | None:
         """Record a step (its `why` filled in here); a Spike when the window says so."""
         armed = self.armed
         rec.why = self.classify(rec.loss, rec.grad_norm, rec.applied)
         self.recent.append(rec)
-        if not rec.why:
+        if rec.why not in DAMAGE:
+            # a gradient-norm alarm with a normal loss joins the reference, so a new gradient
+            # level (a model leaving a plateau) becomes the normal one within history/2 steps
             self.history.append((float(rec.loss), rec.grad_norm))
         if not armed:
             return None
         win = self.window()
         bad = [r for r in win if r.why]
         if len(bad) < self.cfg.min_suspicious:
+            return None
+        if not any(r.why in DAMAGE for r in bad):  # no sign of damage in the loss
             return None
         first = bad[0].step
         before = max(self.cfg.skip_before, 1)

@@ -96,6 +96,41 @@ def test_gradient_norm_explosion_and_non_finite_steps_count():
     assert found[0][1].counts == {"grad_norm": 2, "non-finite": 2}
 
 
+def test_a_model_leaving_a_plateau_is_not_a_spike():
+    """A synthetic task's loss sits at chance with a tiny gradient, then the model starts to
+    memorize: the gradient norm grows 30-fold for hundreds of steps while the loss holds, rises
+    by 10% and then falls (a phone-book run at lr 1e-2 rolled back twice on this). Gradient-norm
+    alarms alone neither roll back nor hold saves back, and the new level becomes the reference;
+    a loss spike afterwards is still caught."""
+    det = SpikeDetector(SpikeConfig())
+    rng = random.Random(3)
+    plateau = [2.30 * (1 + 0.005 * rng.gauss(0, 1)) for _ in range(110)]
+    tiny = [0.02 * (1 + 0.1 * rng.gauss(0, 1)) for _ in range(110)]
+    assert _feed(det, plateau, tiny) == []
+    escape = [2.30 * (1.1 - 0.6 * i / 400) * (1 + 0.01 * rng.gauss(0, 1)) for i in range(400)]
+    big = [0.6 * (1 + 0.2 * rng.gauss(0, 1)) for _ in range(400)]
+    assert _feed(det, escape, big, start_step=111) == []
+    kinds = [r.why for r in det.recent]
+    assert "loss" not in kinds and "non-finite" not in kinds and not det.suspect
+    # the reference moved to the new gradient level: these steps are normal again
+    assert det.classify(escape[-1], 0.6, True) == ""
+    found = _feed(det, [escape[-1] * 3] * 4, [0.6] * 4, start_step=511)
+    assert [s for s, _ in found] == [514] and found[0][1].counts == {"loss": 4}
+
+
+def test_gradient_norm_alarms_alone_are_not_a_spike_but_count_towards_one():
+    det = SpikeDetector(SpikeConfig(min_history=10))
+    losses = _noisy_curve(30, seed=1, noise=0.01)
+    norms = [0.5 + 0.05 * (i % 3) for i in range(30)]
+    assert _feed(det, losses, norms) == []
+    assert _feed(det, losses[-6:], [25.0] * 6, start_step=31) == []  # 6 of 8: norm only
+    assert not det.suspect
+    # one loss alarm joins the norm alarms in the window: a spike, from the first norm alarm
+    found = _feed(det, [40.0], [25.0], start_step=37)
+    assert [s for s, _ in found] == [37]
+    assert found[0][1].counts == {"grad_norm": 6, "loss": 1} and found[0][1].first == 31
+
+
 def test_a_clean_noisy_run_never_alarms_with_the_defaults():
     """Thousands of steps of realistic curves (3% noise, 2% of steps jolted by +15%, a small
     loss near zero with 30% noise): no spike, and no step even looks suspicious."""
