@@ -13,7 +13,11 @@ results.json for that task:
 - shortest path: greedy-decode until EOS (or the longest possible path), parse the node list
   and score both the exact reference path and *any* valid shortest path (the reference is
   only the lexicographically smallest one) -> {"shortest_path": {"exact_match",
-  "valid_shortest_path", "parsed", "nodes", "seed", "n"}}.
+  "valid_shortest_path", "parsed", "nodes", "seed", "n", "valid_by_edges"}}.
+  `valid_by_edges` splits the valid rate by the length of the shortest path in edges
+  ({"1": {"n", "valid"}, "2": ...}): a one-edge query is a lookup in the prompt's edge list,
+  only the longer ones need the model to chain edges, so the overall rate alone can hide
+  a model that answers the one-edge queries and no others.
 - memorization: sign of a sequence classifier's logit against the +-1 labels (the test set is
   the training set by design) -> {"memorization": {"accuracy", "n"}}.
 
@@ -185,12 +189,18 @@ def eval_shortest_path(
         model, prompts, max_new_tokens, tokenizer.eos_id, device=device, batch_size=batch_size
     )
     exact = valid = parsed = 0
+    by_edges: dict[int, list[int]] = {}  # shortest-path length in edges -> [queries, valid]
     for row, gen in zip(rows, gens):
         # Keep the first line only: a model may run on past the answer without an EOS.
         path = parse_path(tokenizer.decode(gen).split("\n")[0])
+        ref = parse_path(row["answer"])
+        ok = is_valid_shortest_path(row["edges"], int(row["n"]), row["src"], row["dst"], path)
         parsed += path is not None
-        exact += path is not None and path == parse_path(row["answer"])
-        valid += is_valid_shortest_path(row["edges"], int(row["n"]), row["src"], row["dst"], path)
+        exact += path is not None and path == ref
+        valid += ok
+        tally = by_edges.setdefault(len(ref) - 1, [0, 0])
+        tally[0] += 1
+        tally[1] += ok
     n = max(len(rows), 1)  # an empty test set scores 0, not a ZeroDivisionError
     return {
         "exact_match": exact / n,
@@ -198,6 +208,9 @@ def eval_shortest_path(
         "parsed": parsed / n,
         "nodes": int(rows[0]["n"]) if rows else None,
         "n": len(rows),
+        "valid_by_edges": {
+            str(k): {"n": q, "valid": v / q} for k, (q, v) in sorted(by_edges.items())
+        },
     }
 
 

@@ -188,10 +188,33 @@ def test_shortest_path_accepts_any_valid_shortest_path(graph_dir: Path) -> None:
     assert res["n"] == 30 and res["nodes"] == 10 and res["parsed"] == 1.0
     assert res["seed"] == 0
 
+    lengths = [len(parse_path(r["answer"])) - 1 for r in rows]
+    assert res["valid_by_edges"] == {
+        str(k): {"n": lengths.count(k), "valid": 1.0} for k in sorted(set(lengths))
+    }
+    assert len(res["valid_by_edges"]) > 1, "the test graphs should have paths of several lengths"
+
     alt = _oracle(tok, rows, lambda r: alternative[r["prompt"]])
     res = run_synthetic(alt, tok, graph_dir, None, "cpu", batch_size=8)["shortest_path"]
     assert res["valid_shortest_path"] == 1.0
     assert res["exact_match"] == pytest.approx((30 - n_alt) / 30)
+
+
+def test_shortest_path_valid_rate_by_path_length(graph_dir: Path) -> None:
+    """A model that answers only the one-edge queries (the direct edge) and gets every longer
+    one wrong: the overall rate is the one-edge share, the split shows where it fails."""
+    tok = load_tokenizer_dir(graph_dir)
+    rows = load_test_set(graph_dir)
+
+    def direct(r: dict) -> str:
+        return _path_text([r["src"], r["dst"]])
+
+    res = run_synthetic(_oracle(tok, rows, direct), tok, graph_dir, None, "cpu")["shortest_path"]
+    split = res["valid_by_edges"]
+    one = sum(len(parse_path(r["answer"])) == 2 for r in rows)
+    assert split["1"] == {"n": one, "valid": 1.0} and one > 0
+    assert all(v["valid"] == 0.0 for k, v in split.items() if k != "1")
+    assert res["valid_shortest_path"] == pytest.approx(one / len(rows))
 
 
 def test_shortest_path_rejects_invalid_paths(graph_dir: Path) -> None:
@@ -327,6 +350,10 @@ def test_real_untrained_model_runs_on_both_text_tasks(book_dir: Path, graph_dir:
         (metrics,) = res.values()
         assert metrics["n"] == 8 and model.training  # the mode is restored
         skip = ("n", "nodes", "book_size", "answer_loss", "seed")
-        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k not in skip)
+        assert all(
+            0.0 <= v <= 1.0 for k, v in metrics.items() if k not in (*skip, "valid_by_edges")
+        )
+        for split in metrics.get("valid_by_edges", {}).values():
+            assert 0.0 <= split["valid"] <= 1.0 and split["n"] >= 1
         if "answer_loss" in metrics:  # an untrained model is close to a uniform guess
             assert abs(metrics["answer_loss"] - math.log(tok.vocab_size)) < 0.5
