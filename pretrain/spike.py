@@ -1,9 +1,9 @@
 """Loss-spike rollback (`spike.*`) and the fault that exercises it (`fault.spike_at_step`).
 
 Detection. Each step is judged against the recent *normal* steps: the last `spike.history`
-steps that were applied, finite and not suspicious by their loss. Their median and robust spread
-(1.4826 x the median absolute deviation) of the loss and of the global gradient norm are the
-reference. A step is suspicious when
+steps that were applied, finite and not suspicious by their loss. Their median and robust
+spread (1.4826 x the median absolute deviation) of the loss and of the global gradient norm
+are the reference. A step is suspicious when
 
 - its loss is above `loss_ratio` x the median loss and more than `zscore` spreads above it, or
 - its gradient norm (before clipping) is above `grad_norm_ratio` x the median norm and more
@@ -17,9 +17,9 @@ last `window` steps, so one noisy step is never an alarm, and at least one of th
 loss or non-finite step: gradient-norm alarms alone never roll back. A model leaving a loss
 plateau (a synthetic task before memorization starts, where the gradient is tiny) multiplies
 its gradient norm tenfold while its loss stays on the plateau; clipped updates of that size do
-not damage the weights, and damage that matters shows in the loss. Judging starts once the reference
-holds `min_history` steps. The inputs are the rank-averaged loss and the global norm, so every
-rank sees the same numbers and decides the same.
+not damage the weights, and damage that matters shows in the loss. Judging starts once the
+reference holds `min_history` steps. The inputs are the rank-averaged loss and the global
+norm, so every rank sees the same numbers and decides the same.
 
 Which data, which save. Step k computes its loss with the weights after update k-1, on batch k,
 then updates. If step F is the first suspicious step of a spike, either batch F is odd or update
@@ -28,10 +28,9 @@ was declared at) are skipped, and the run returns to the newest save from before
 F - max(skip_before, 1), i.e. a save of step <= F - 1 - max(skip_before, 1). Saves of later
 steps are set aside (`step_X.spike-N`, never deleted; a background save in flight is awaited
 first); while the window holds a loss or non-finite alarm no interval or stop-signal save
-is taken (it would push a good save out of `keep_last`), only
-the final one. If `keep_last` left no save that old, the newest intact save is used (a line says
-so). A fresh run saves step 0 first, so a spike before the first interval save returns to the
-initial weights.
+is taken (it would push a good save out of `keep_last`), only the final one. If `keep_last`
+left no save that old, the newest intact save is used (a line says so). A fresh run saves
+step 0 first, so a spike before the first interval save returns to the initial weights.
 
 What survives. Skipped sample ranges are global sample indices of the pure-function sample
 order (pretrain/data.py skips them), so they hold on any number of GPUs. They are kept in the

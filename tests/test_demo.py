@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from demo.__main__ import L2P_MODELS, MEM_MODELS
 from demo.verdict import run_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +61,13 @@ def test_demo_runs_every_stage(tmp_path):
     # ... and the findings themselves, on the demo's own runs (seed 0, measured on 2 CPU
     # cores: dense 79.8% vs MoE 95.3%; dense m=8 73.6%, MoE m=8 70.2%, dense m=32 100.0%)
     mem = {name: run_summary(out / f"runs/memorization_{name}", "memorization")
-           for name in ("dense", "moe16")}  # fmt: skip
+           for name in MEM_MODELS}  # fmt: skip
     # the pair is matched on ACTIVE parameters (within the router's 8%), not on total
     assert abs(mem["moe16"]["active"] / mem["dense"]["active"] - 1) < 0.1, mem
     assert mem["moe16"]["total"] > 4 * mem["dense"]["total"], mem
     assert mem["moe16"]["accuracy"] - mem["dense"]["accuracy"] >= 0.10, mem
     l2p = {name: run_summary(out / f"runs/length2_path_{name}", "length2_path")["accuracy"]
-           for name in ("dense_d8", "moe16_d8", "dense_d32")}  # fmt: skip
+           for name in L2P_MODELS}  # fmt: skip
     # the MoE of width 8 is no better than the dense model of its active width; the dense
     # model of width 32 is far better than both
     assert abs(l2p["moe16_d8"] - l2p["dense_d8"]) < 0.05, l2p
