@@ -126,7 +126,7 @@ def train(
     import torch.distributed as dist
 
     from pretrain.data import TrainData, ValidationSet, open_manifest
-    from pretrain.deepspeed_compat import keep_stage0_grad_norm
+    from pretrain.deepspeed_compat import defer_muon_compile, keep_stage0_grad_norm
     from pretrain.metrics import MetricsLogger
     from pretrain.parallel import build_mpu, init_process_groups
     from pretrain.parallel.meta_build import build_parallel_model
@@ -140,6 +140,8 @@ def train(
         write_run_config,
     )
 
+    defer_muon_compile()  # before DeepSpeed's first look at Muon (seconds of compiler import)
+
     # Data problems (missing directory, another tokenizer) fail before any process group
     # or device memory is set up.
     console.phase(f"reading the data manifest of {cfg.data.data_dir}")
@@ -152,7 +154,7 @@ def train(
     # tp / dp / ep groups, created in the same order everywhere, with the same timeout
     mesh = init_process_groups(mesh, cfg.parallel.timeout_minutes)
     if cfg.deterministic:
-        # torch imports its compiler stack here (torch._inductor): seconds on a busy CPU.
+        # torch imports torch._dynamo here (~1 s; torch.optim's optimizers import it anyway)
         console.phase("enabling deterministic algorithms")
         set_determinism(cfg.deterministic, cuda)
     data = TrainData(

@@ -72,6 +72,9 @@ INTERNALS: tuple[tuple[str, str], ...] = (
     # the engine-format save (ZeRO 0/3): the files each rank writes go through this object
     ("deepspeed.runtime.engine.DeepSpeedEngine", "checkpoint_engine"),
     ("deepspeed.runtime.utils", "clip_grad_norm_"),
+    # start-up: Muon's module-level torch.compile decorators (defer_muon_compile)
+    ("deepspeed.runtime.compiler", "compile"),
+    ("deepspeed.runtime.zero.muon.muon_optimizer", "MuonWithAuxAdam"),
 )
 
 
@@ -140,6 +143,51 @@ def restore_expert_partitions(engine) -> None:
         mine.copy_(opt.single_partition_of_fp32_groups[i].to(mine.dtype))
         if len(parts) > 1:
             dist.all_gather(list(parts), mine.clone(), group=group)
+
+
+# Start-up ---------------------------------------------------------------------------------------
+def defer_muon_compile() -> None:
+    """Import DeepSpeed's Muon optimizer with its `torch.compile` decorators made lazy.
+
+    DeepSpeed imports `deepspeed.runtime.zero.muon` while checking the optimizer in
+    `deepspeed.initialize` and again in ZeRO's first gradient reduction (to test for Muon
+    groups). That module decorates three functions with `torch.compile` at import time, and
+    building the decorator imports torch's whole compiler stack (torch._inductor): 2.3 s of a
+    13 s start-up on the 2-core machine, for a run that trains with AdamW and never calls them.
+    Imported here first, each decorated function compiles at its first call instead (so a
+    Muon run gets the same compiled functions), and later imports find the module loaded.
+    Idempotent."""
+    import functools
+    import sys
+
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    import deepspeed.runtime.compiler as ds_compiler
+
+    def lazy_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    eager_compile = ds_compiler.compile
+    ds_compiler.compile = lazy_compile
+    try:
+        __import__(name)
+    except ImportError:  # DeepSpeed itself tolerates a missing Muon
+        pass
+    finally:
+        ds_compiler.compile = eager_compile
 
 
 # The training step ------------------------------------------------------------------------------

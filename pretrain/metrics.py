@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,29 @@ def expert_load_from_counts(
     return out
 
 
+LAUNCH_INPUTS_MODULE = "wandb.sdk.launch.inputs.internal"
+
+
+def look_for_launch_inputs_only_when_staged(wandb: Any) -> None:
+    """wandb.init ends by applying the W&B Launch inputs a script staged before it
+    (`wandb.launch.manage_config_file` / `manage_wandb_config`); to look, it imports
+    `wandb.sdk.launch`, whose public-API models take 1.4 s to build on the 2-core machine
+    (bench/RESULTS.md, start-up). Inputs can only have been staged through the module that
+    holds them, so when it is not imported there is nothing to apply and wandb skips the
+    import; when it is, wandb looks as before. Idempotent."""
+    run_cls = wandb.sdk.wandb_run.Run
+    look = run_cls._detect_and_apply_job_inputs
+    if getattr(look, "only_when_staged", False):
+        return
+
+    def look_if_staged(run: Any) -> None:
+        if LAUNCH_INPUTS_MODULE in sys.modules:
+            look(run)
+
+    look_if_staged.only_when_staged = True  # type: ignore[attr-defined]
+    run_cls._detect_and_apply_job_inputs = look_if_staged
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 
@@ -105,6 +129,7 @@ class MetricsLogger:
         if cfg.wandb_mode != "disabled":
             import wandb
 
+            look_for_launch_inputs_only_when_staged(wandb)
             self._wandb = wandb.init(
                 project=cfg.project,
                 name=cfg.run_name,
