@@ -4,7 +4,7 @@ before a long job.
 Environment: Python, torch (and a matmul on each device kind here), CUDA, NCCL (a one-rank
 all-reduce on GPU), DeepSpeed (imports with the accelerator it will use; loads its
 shared-memory comm op on CPU), the optimizer (one step of torch's AdamW with the kernel
-training uses: fused on GPU, foreach on CPU), megablocks and
+training uses: fused, on GPU and CPU), megablocks and
 grouped_gemm (a grouped GEMM on GPU; missing is only a warning without CUDA, unless the config
 asks for moe.backend=megablocks). With a config: the process layout against the visible GPUs,
 which GPU this process takes (`gpu binding`; run the doctor inside the job step, under srun, to

@@ -168,7 +168,7 @@ def _deepspeed_op() -> None:
 
 def check_optimizer(cuda: bool, fast: bool) -> Check:
     """One step of torch's AdamW with the kernel training asks for (pretrain/deepspeed_config.py
-    `adamw_kernel`: fused on GPU, foreach on CPU), so a torch build without it fails here."""
+    `adamw_kernel`: fused, on GPU and CPU), so a torch build without it fails here."""
     from pretrain.deepspeed_config import adamw_kernel
 
     kernel = adamw_kernel(cuda)

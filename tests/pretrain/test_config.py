@@ -92,7 +92,9 @@ def test_deepspeed_dict():
     cpu = load_config(TrainConfig, TINY)
     ds_cpu = deepspeed_config(cpu, derived_sizes(cpu, 1), resolve_precision(cpu, False), False)
     assert "bf16" not in ds_cpu and ds_cpu["optimizer"]["params"]["torch_adam"] is True
-    assert ds_cpu["optimizer"]["params"]["foreach"] is True
+    # the same fused kernel on CPU (foreach ran ~8 passes over the flat partition)
+    assert ds_cpu["optimizer"]["params"]["fused"] is True
+    assert "foreach" not in ds_cpu["optimizer"]["params"]
 
 
 def test_schedules():

@@ -93,7 +93,7 @@ def test_environment_only_without_config(capsys):
     assert rows["deepspeed"][0] == "ok"
     assert rows["deepspeed"][1].endswith("accelerator cpu; shm comm op ok")  # loaded for real
     # the optimizer training uses on CPU, stepped for real
-    assert rows["optimizer"] == ("ok", "torch AdamW foreach step ok on cpu")
+    assert rows["optimizer"] == ("ok", "torch AdamW fused step ok on cpu")
     assert "layout" not in rows
 
 
@@ -380,7 +380,7 @@ def test_an_optimizer_step_that_fails_is_reported(capsys, monkeypatch):
     code, rows, out, err = run_doctor(capsys)
     assert code == doctor.FAIL_EXIT_CODE
     assert rows["optimizer"][0] == "fail"
-    assert "torch AdamW foreach step on cpu failed: RuntimeError" in rows["optimizer"][1]
+    assert "torch AdamW fused step on cpu failed: RuntimeError" in rows["optimizer"][1]
     assert "fix: optimizer: install a torch build whose AdamW has this kernel" in out
     assert err.strip() == "error: doctor found 1 problem(s): optimizer"
 
