@@ -92,10 +92,10 @@ def look_for_launch_inputs_only_when_staged(wandb: Any) -> None:
     (bench/RESULTS.md, start-up). Inputs can only have been staged through the module that
     holds them, so when it is not imported there is nothing to apply and wandb skips the
     import; when it is, wandb looks as before. Idempotent."""
-    run_cls = wandb.sdk.wandb_run.Run
-    look = run_cls._detect_and_apply_job_inputs
-    if getattr(look, "only_when_staged", False):
-        return
+    run_cls = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
+    look = getattr(run_cls, "_detect_and_apply_job_inputs", None)
+    if look is None or getattr(look, "only_when_staged", False):
+        return  # another wandb (the look renamed or gone): left as it is
 
     def look_if_staged(run: Any) -> None:
         if LAUNCH_INPUTS_MODULE in sys.modules:

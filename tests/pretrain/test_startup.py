@@ -162,3 +162,10 @@ def test_wandb_still_applies_launch_inputs_that_were_staged(monkeypatch):
     monkeypatch.setitem(sys.modules, metrics.LAUNCH_INPUTS_MODULE, types.ModuleType("staged"))
     run._detect_and_apply_job_inputs()
     assert seen == [run]
+    metrics.look_for_launch_inputs_only_when_staged(types.SimpleNamespace())  # another wandb
+
+
+def test_the_pinned_wandb_has_the_look_we_wrap():
+    import wandb
+
+    assert callable(wandb.sdk.wandb_run.Run._detect_and_apply_job_inputs)
