@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from demo.__main__ import L2P_MODELS, MEM_MODELS
-from demo.verdict import run_summary
+from demo.verdict import MARGIN, run_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,9 +68,14 @@ def test_demo_runs_every_stage(tmp_path):
     assert mem["moe16"]["accuracy"] - mem["dense"]["accuracy"] >= 0.10, mem
     l2p = {name: run_summary(out / f"runs/length2_path_{name}", "length2_path")["accuracy"]
            for name in L2P_MODELS}  # fmt: skip
-    # the MoE of width 8 is no better than the dense model of its active width; the dense
-    # model of width 32 is far better than both
-    assert abs(l2p["moe16_d8"] - l2p["dense_d8"]) < 0.05, l2p
+    # the MoE of width 8 is no better than the dense model of its active width (by the
+    # verdict's own margin: what "did not buy reasoning" means); the dense model of width 32
+    # is far better than both. One-sided: the MoE scoring BELOW its active width is the claim
+    # too, and how far below moves with the CPU's kernels (seed 0, one thread, at ba1277f and
+    # after alike: 70.2% where the figures above were measured, 67.8% on the AVX2 EPYC VM of
+    # 2026-12-02, against dense 73.6% on both)
+    assert l2p["moe16_d8"] - l2p["dense_d8"] < MARGIN, l2p
+    assert l2p["moe16_d8"] >= 0.6, l2p  # it learned the task (chance is 0.5), not a broken run
     assert l2p["dense_d32"] - max(l2p["dense_d8"], l2p["moe16_d8"]) >= 0.15, l2p
     assert l2p["dense_d32"] >= 0.95, l2p
     book = json.loads(
