@@ -109,7 +109,7 @@ def build_engine(args, run_dir: Path):
     ]
     cfg = load_config(TrainConfig, REPO / "configs/train/tiny_cpu.yaml", over)
     sizes = derived_sizes(cfg, 1)
-    ds_cfg = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda), cuda)
+    ds_cfg = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda))
     init_distributed(dist_env(), cuda)
     mesh = init_process_groups(build_mesh(cfg, 1, 0))
     import deepspeed

@@ -213,7 +213,7 @@ def ours(case: Case, model_cfg, args: argparse.Namespace, cuda: bool):
         torch.utils.deterministic.fill_uninitialized_memory = False
     sizes = derived_sizes(cfg, 1)
     mesh = build_mesh(cfg, 1, 0)
-    ds_cfg = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda), cuda)
+    ds_cfg = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda))
     torch.manual_seed(cfg.seed)
     with torch.device("cuda" if cuda else "cpu"):  # initialised where it trains: no H2D copy
         model = parallelize(build_model(cfg.model), cfg, mesh)

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     mesh = build_mesh(cfg, de.world_size, de.rank)
     precision = resolve_precision(cfg, cuda)
-    ds_cfg = deepspeed_config(cfg, sizes, precision, cuda)
+    ds_cfg = deepspeed_config(cfg, sizes, precision)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         print("# derived: " + json.dumps({**asdict(sizes), "precision": precision}))

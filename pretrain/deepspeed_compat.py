@@ -14,6 +14,8 @@ so every function here imports what it needs inside.
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 import torch
@@ -157,9 +159,6 @@ def defer_muon_compile() -> None:
     Imported here first, each decorated function compiles at its first call instead (so a
     Muon run gets the same compiled functions), and later imports find the module loaded.
     Idempotent."""
-    import functools
-    import sys
-
     name = "deepspeed.runtime.zero.muon.muon_optimizer"
     if name in sys.modules:
         return

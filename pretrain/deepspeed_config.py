@@ -7,9 +7,7 @@ from typing import Any
 from pretrain.config import DerivedSizes, TrainConfig
 
 
-def deepspeed_config(
-    cfg: TrainConfig, sizes: DerivedSizes, precision: str, cuda: bool
-) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, sizes: DerivedSizes, precision: str) -> dict[str, Any]:
     """Our config -> DeepSpeed's. The lr schedule is ours (a LambdaLR passed to initialize),
     so DeepSpeed gets no `scheduler` section. The optimizer is torch's AdamW through
     DeepSpeed's `torch_adam` switch (see `adamw_kernel`). Activation checkpointing is applied
@@ -28,7 +26,7 @@ def deepspeed_config(
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
                 "torch_adam": True,
-                **adamw_kernel(cuda),
+                **adamw_kernel(),
             },
         },
         "zero_optimization": {"stage": cfg.zero_stage},
@@ -67,20 +65,19 @@ def bf16_gradient_dtypes(zero_stage: int) -> dict[str, Any]:
     return out
 
 
-def adamw_kernel(cuda: bool) -> dict[str, bool]:
+def adamw_kernel() -> dict[str, bool]:
     """How torch's AdamW updates all parameters at once instead of one at a time: `fused`, on
-    CUDA and on CPU alike (`cuda` is kept for the callers that name the device).
+    CUDA and on CPU alike.
 
     One pass over each element (parameter, gradient, both moments read once, written once).
     No JIT build, unlike DeepSpeed's FusedAdam, whose op build added tens of seconds and
     compiler output to every start. On a CPU the multi-tensor `foreach` path it replaces ran
     about eight passes with full-size temporaries over ZeRO's flat fp32 partition: 220 ms
-    against 40 ms a step for the 38.9M parameters of the 16-expert CPU profile, the largest
-    part of our step's lead over theirs (bench/RESULTS.md). The update is the same formula;
+    against 40 ms a step for the 38.9M parameters of the 16-expert CPU profile, most of that
+    step's gap to the transformers loop (bench/RESULTS.md). The update is the same formula;
     its last-bit rounding differs from foreach's (at most ~2e-7 on unit-scale weights after a
     few steps), so fp32 CPU runs do not repeat, bit for bit, those of commits before the
     switch; a run still repeats itself, and data/tensor/expert parallel still match one
     process (an elementwise kernel does not depend on how ZeRO partitions the tensor).
     DeepSpeed 0.19.8 hands `fused` to `torch.optim.AdamW` when `torch_adam` is set."""
-    del cuda
     return {"fused": True}

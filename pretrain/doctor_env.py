@@ -171,7 +171,7 @@ def check_optimizer(cuda: bool, fast: bool) -> Check:
     `adamw_kernel`: fused, on GPU and CPU), so a torch build without it fails here."""
     from pretrain.deepspeed_config import adamw_kernel
 
-    kernel = adamw_kernel(cuda)
+    kernel = adamw_kernel()
     what = f"torch AdamW {', '.join(kernel)}"
     if fast:
         return Check("optimizer", "ok", f"{what} (step not run: --fast)")

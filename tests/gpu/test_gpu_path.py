@@ -174,7 +174,7 @@ def _trainer(grad_accum: int, *over: str):
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model),
-        config=deepspeed_config(cfg, sizes, "bf16", cuda=True),
+        config=deepspeed_config(cfg, sizes, "bf16"),
     )
     g = torch.Generator().manual_seed(1)
     batches = []

@@ -82,7 +82,7 @@ def test_rank_groups_layout():
 def test_deepspeed_dict():
     cfg = load_config(TrainConfig, PAPER)
     sizes = derived_sizes(cfg, 8)
-    ds = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda=True), cuda=True)
+    ds = deepspeed_config(cfg, sizes, resolve_precision(cfg, cuda=True))
     assert ds["train_batch_size"] == 16 * 4 * 8
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 1}
@@ -90,7 +90,7 @@ def test_deepspeed_dict():
     params = ds["optimizer"]["params"]
     assert params["lr"] == 3e-4 and params["torch_adam"] is True and params["fused"] is True
     cpu = load_config(TrainConfig, TINY)
-    ds_cpu = deepspeed_config(cpu, derived_sizes(cpu, 1), resolve_precision(cpu, False), False)
+    ds_cpu = deepspeed_config(cpu, derived_sizes(cpu, 1), resolve_precision(cpu, False))
     assert "bf16" not in ds_cpu and ds_cpu["optimizer"]["params"]["torch_adam"] is True
     # the same fused kernel on CPU (foreach ran ~8 passes over the flat partition)
     assert ds_cpu["optimizer"]["params"]["fused"] is True

@@ -109,14 +109,12 @@ def test_an_eager_cpu_run_never_imports_the_compiler_or_wandb_launch(data_dir, t
 
 
 def test_muon_still_compiles_its_functions_at_their_first_call(monkeypatch):
-    import sys as _sys
-
     import torch
 
     from pretrain import deepspeed_compat
 
-    for name in [m for m in _sys.modules if m.startswith("deepspeed.runtime.zero.muon")]:
-        monkeypatch.delitem(_sys.modules, name)
+    for name in [m for m in sys.modules if m.startswith("deepspeed.runtime.zero.muon")]:
+        monkeypatch.delitem(sys.modules, name)
     compiled = []
 
     def fake_compile(fn, *a, **k):
