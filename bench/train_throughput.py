@@ -185,7 +185,7 @@ def ours(case: Case, model_cfg, args: argparse.Namespace, cuda: bool):
     from mop.config import load_config
     from pretrain.__main__ import param_groups
     from pretrain.config import TrainConfig, derived_sizes, resolve_precision
-    from pretrain.deepspeed_compat import keep_stage0_grad_norm
+    from pretrain.deepspeed_compat import keep_stage0_grad_norm, reduce_gradients_in_place
     from pretrain.deepspeed_config import deepspeed_config
     from pretrain.model.transformer import build_model
     from pretrain.parallel import build_mesh, parallelize
@@ -221,6 +221,7 @@ def ours(case: Case, model_cfg, args: argparse.Namespace, cuda: bool):
         model=model, model_parameters=param_groups(model), config=ds_cfg
     )
     keep_stage0_grad_norm(engine)
+    reduce_gradients_in_place(engine)  # as python -m pretrain does
     data = RandomTokens(model_cfg.vocab_size, args.seq_len, args.micro_batch)
     trainer = Trainer(cfg, engine, data, None, sizes, mesh, "bench", callbacks=[])
 

@@ -126,7 +126,11 @@ def train(
     import torch.distributed as dist
 
     from pretrain.data import TrainData, ValidationSet, open_manifest
-    from pretrain.deepspeed_compat import defer_muon_compile, keep_stage0_grad_norm
+    from pretrain.deepspeed_compat import (
+        defer_muon_compile,
+        keep_stage0_grad_norm,
+        reduce_gradients_in_place,
+    )
     from pretrain.metrics import MetricsLogger
     from pretrain.parallel import build_mpu, init_process_groups
     from pretrain.parallel.meta_build import build_parallel_model
@@ -201,6 +205,7 @@ def train(
         mpu=build_mpu(mesh),  # ZeRO over the data-parallel group only
     )
     keep_stage0_grad_norm(engine)
+    reduce_gradients_in_place(engine)  # ZeRO 1 with one dp rank: one copy, not four passes
     # Per-rank RNG streams (restored from the checkpoint on resume).
     random.seed(cfg.seed * 1009 + de.rank)
     np.random.seed(cfg.seed * 1009 + de.rank)

@@ -58,6 +58,39 @@ INTERNALS: tuple[tuple[str, str], ...] = (
         "_lazy_init_hp_params_optimizer_state",
     ),
     ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "update_lp_params"),
+    # ZeRO 1 in one data-parallel rank: the gradient hand-over (reduce_gradients_in_place)
+    ("deepspeed.runtime.zero.stage_1_and_2", "GradPartitionBufferGroup"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "reduce_gradients"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "averaged_gradients"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "params_in_partition"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "partition_size"),
+    (
+        "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+        "grad_partition_insertion_offset",
+    ),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "get_param_id"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "dp_process_group"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "partition_gradients"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "dtype"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "cpu_offload"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "overlap_comm"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "use_grad_accum_attribute"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "sequence_parallel_size"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "_is_muon_group"),
+    (
+        "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+        "_use_compact_grad_partition_buffer",
+    ),
+    (
+        "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+        "_get_preflattened_grad_partition",
+    ),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "_clear_param_grad_only"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "_release_ipg_buffers"),
+    (
+        "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+        "_epilogue_ran_this_backward",
+    ),
     # ZeRO 1/2: where each parameter's fp32 master and Adam moments sit in this rank's
     # partition (set on every lp parameter by mixed_precision_linkage.link_hp_params)
     ("deepspeed.utils.mixed_precision_linkage", "link_hp_params"),
@@ -207,6 +240,86 @@ def keep_stage0_grad_norm(engine) -> None:
         engine._global_grad_norm = float(norm)
 
     engine.clip_fp32_gradients = clip_and_keep_norm
+
+
+def reduce_gradients_in_place(engine) -> bool:
+    """ZeRO 1 with one data-parallel rank (every CPU run, a single GPU, tensor parallel alone):
+    hand the gradients to the optimizer with one copy each instead of four passes.
+
+    With dp = 1 the reduction is the identity, but DeepSpeed 0.19.8 still runs it: each
+    gradient is copied into a 5e8-element bucket, the bucket is divided by the world size (1),
+    copied again into a contiguous partition, and `step()` concatenates the per-parameter
+    views of that partition into a third flat tensor. Here each gradient is copied once into a
+    flat buffer kept for the run, laid out exactly as that concatenation (DeepSpeed's own
+    insertion offsets, zero padding), and handed over as the "pre-flattened" gradient group
+    `step()` takes as is (`GradPartitionBufferGroup`, the form DeepSpeed's compiled backward
+    hands it). The optimizer then sees the same values in the same layout: the norm, the
+    clipping and AdamW are DeepSpeed's, on the same numbers, so training is bitwise the same.
+    The CPU profile's 16-expert MoE spent ~30 ms of a 716 ms step in the reduction and ~45 ms
+    in the concatenation (bench/RESULTS.md).
+
+    Applies only where all of that holds: ZeRO stage 1, every group's data-parallel size 1, no
+    offload, no overlapped communication, no separate accumulation dtype, no Muon groups (their
+    update is computed while flattening). Elsewhere DeepSpeed's path runs unchanged. Returns
+    whether the fast path is on."""
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        DeepSpeedZeroOptimizer,
+        GradPartitionBufferGroup,
+    )
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer) or engine.zero_optimization_stage() != 1:
+        return False
+    groups = [opt.dp_process_group, *opt.real_dp_process_group]
+    if any(dist.get_world_size(group=g) != 1 for g in groups) or opt.sequence_parallel_size != 1:
+        return False
+    if opt.partition_gradients or opt.cpu_offload or opt.overlap_comm:
+        return False
+    if opt.use_grad_accum_attribute:
+        return False
+    for i, params in enumerate(opt.params_in_partition):
+        if opt._use_compact_grad_partition_buffer(i) or (params and opt._is_muon_group(params)):
+            return False
+
+    buffers: dict[int, torch.Tensor] = {}
+
+    def padding(flat: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        pad = flat.narrow(0, start, end - start)
+        pad.zero_()  # zero as in DeepSpeed's fresh padding (the clip scaled it in place)
+        pad._zero_padding = True  # left out of the norm, as DeepSpeed's padding is
+        return pad
+
+    @torch.no_grad()
+    def hand_over(pipeline_parallel: bool = False) -> None:
+        for i, params in enumerate(opt.params_in_partition):
+            size = int(opt.partition_size[i])
+            if i not in buffers:  # in the optimizer's gradient dtype, where its master lives
+                device = opt.single_partition_of_fp32_groups[i].device
+                buffers[i] = torch.zeros(size, dtype=opt.dtype, device=device)
+            flat = buffers[i]
+            views: list[torch.Tensor] = []
+            end = 0
+            for p in params:
+                offset = int(opt.grad_partition_insertion_offset[i][0][opt.get_param_id(p)])
+                if offset > end:
+                    views.append(padding(flat, end, offset))
+                view = flat.narrow(0, offset, p.numel()).view(p.shape)
+                if p.grad is None:  # a parameter the loss did not reach: DeepSpeed uses zeros
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                views.append(view)
+                end = offset + p.numel()
+            if end < size:
+                views.append(padding(flat, end, size))
+            opt.averaged_gradients[i] = GradPartitionBufferGroup(views, flat)
+        # what DeepSpeed's epilogue leaves behind: no .grad, no bucket, the backward seen
+        opt._clear_param_grad_only()
+        opt._release_ipg_buffers()
+        opt._epilogue_ran_this_backward = True
+
+    opt.reduce_gradients = hand_over
+    return True
 
 
 def step_without_update(engine) -> None:
