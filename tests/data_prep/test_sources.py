@@ -365,3 +365,32 @@ def test_downstream_training_sets_come_from_the_repos_lm_eval_scores(key):
     assert (spec.hub_id, spec.hub_config) == (cfg["dataset_path"], cfg.get("dataset_name"))
     assert spec.builder is None and spec.split == "train"
     assert cfg.get("training_split") in ("train", None)
+
+
+def _rows_as_datasets_gives_them(dataset: datasets.IterableDataset) -> list[dict]:
+    """Reference: `datasets`' own per-example iteration (features decoded)."""
+    return [dict(row) for row in dataset]
+
+
+@pytest.mark.parametrize(
+    "write,builder",
+    [
+        (lambda d: fx.write_fineweb_parquet(d, 40, seed=3), "parquet"),  # plain Value columns
+        (fx.write_bad_bytes_parquet, "parquet"),  # binary text, undecodable bytes
+        (fx.write_bad_rows_jsonl, "json"),  # a mixed-type column: stored as JSON, decoded
+    ],
+)
+def test_rows_are_datasets_own_rows(tmp_path, write, builder):
+    """The Arrow fast path of plain columns and `datasets`' path for the rest give the rows
+    `datasets` itself gives: same values, same types, same order (a JSON column of mixed
+    types would come out of Arrow as JSON text: '"text"', '12345')."""
+    from data_prep.loading import _rows
+
+    path = write(tmp_path)
+    ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+    ours = list(_rows(ds, batch_size=7))  # several batches, the last one short
+    ref = _rows_as_datasets_gives_them(ds)
+    assert ours == ref
+    assert [[type(v) for v in r.values()] for r in ours] == [
+        [type(v) for v in r.values()] for r in ref
+    ]
