@@ -137,6 +137,27 @@ def test_floors_take_the_best_variant_and_only_a_gpu_run_is_judged():
     assert all(f["met"] is None for f in train_throughput.floors(rows, smoke=True))
 
 
+def test_the_cpu_profile_is_eager_unless_asked_and_steps_each_model_in_turn(capsys):
+    """--cpu runs ours eagerly (as the CPU grids train); --cpu-compile adds ours compiled,
+    and the compiled case takes turns with the eager one and transformers' of its model."""
+    eager = train_throughput.parse_args(["--cpu"])
+    both = train_throughput.parse_args(["--cpu", "--cpu-compile"])
+    compiled = [c for c in cases(False) if c.compile and c.backend in (None, "torch")]
+    floored = [c for c in compiled if c.model in train_throughput.CPU_RATIO_FLOORS]
+    assert floored and all(train_throughput.skip_reason(c, eager, False) for c in floored)
+    assert all(train_throughput.skip_reason(c, both, False) is None for c in floored)
+    groups = train_throughput.by_model([c for c in cases(False) if c.model == "moe_d1024_e8"])
+    assert len(groups) == 1
+    assert {(c.impl, c.compile) for c in groups[0]} == {
+        ("ours", False),
+        ("ours", True),
+        ("transformers", False),
+    }
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--cpu-compile"])
+    assert "--cpu-compile goes with --cpu" in capsys.readouterr().err
+
+
 def test_the_gpu_call_installs_every_carried_file_offline(tmp_path, monkeypatch):
     whl = tmp_path / "repo" / ".whl"
     whl.mkdir(parents=True)
