@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -86,44 +86,91 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+Pending = tuple[list, "Future | None"]  # a batch of items and the encode of its documents
+
+
+def submit_encode(pool: Executor, batch: list, tok: TextTokenizer) -> Pending:
+    texts = [it.text for it in batch if isinstance(it, Document)]
+    return batch, pool.submit(tok.encode_batch, texts) if texts else None
+
+
+def _resolved(pending: Pending) -> tuple[list, list[list[int]]]:
+    batch, future = pending
+    return batch, future.result() if future is not None else []
+
+
 def encoded_batches(
-    items: Iterator, size: int, tok: TextTokenizer
+    items: Iterator,
+    size: int,
+    tok: TextTokenizer,
+    pool: Executor,
+    first: Pending | None = None,
+    on_all_submitted: Callable[[], None] | None = None,
 ) -> Iterator[tuple[list, list[list[int]]]]:
     """(batch of items, token ids of its documents), in input order.
 
-    The tokenizer encodes one batch on a thread while the caller packs the previous one and
-    this generator reads the next: reading, rendering and packing are Python work that would
-    otherwise leave the cores idle between encode calls (the tokenizer releases the GIL).
+    The tokenizer encodes one batch on `pool`'s thread while the caller packs the previous one
+    and this generator reads the next: reading, rendering and packing are Python work that
+    would otherwise leave the cores idle between encode calls (the tokenizer releases the GIL).
+    `first`: a batch whose encode was submitted ahead (`open_unit`). `on_all_submitted` runs
+    once every batch is submitted, while the last one encodes: the next unit opens then.
     Which rows land in which shard does not depend on timing: the bytes are the same.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-        ahead = None
-        for batch in _batched(items, size):
-            texts = [it.text for it in batch if isinstance(it, Document)]
-            future = pool.submit(tok.encode_batch, texts) if texts else None
-            if ahead is not None:
-                yield ahead[0], ahead[1].result() if ahead[1] is not None else []
-            ahead = (batch, future)
+    ahead = first
+    for batch in _batched(items, size):
+        pending = submit_encode(pool, batch, tok)
         if ahead is not None:
-            yield ahead[0], ahead[1].result() if ahead[1] is not None else []
+            yield _resolved(ahead)
+        ahead = pending
+    if on_all_submitted is not None:
+        on_all_submitted()
+    if ahead is not None:
+        yield _resolved(ahead)
 
 
-def tokenize_unit(
+@dataclass
+class OpenedUnit:
+    """A unit ready to tokenise: its result so far, its fragment state (None once complete),
+    its remaining rows and, when opened ahead, the encode of its first batch in flight. An
+    error met while opening ahead waits here to be raised when the unit's turn comes."""
+
+    result: UnitResult
+    state: dict | None = None
+    items: Iterator | None = None
+    first: Pending | None = None
+    error: Exception | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def open_unit(
     cfg: DataPrepConfig,
     source: SourceConfig,
     unit: int,
     tok: TextTokenizer,
-    decontam: NgramIndex | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> UnitResult:
-    """Tokenise one unit, resuming from its fragment if a previous run was killed."""
+    pool: Executor | None = None,
+) -> OpenedUnit:
+    """Check the unit's fragment (resume, or refuse other settings) and open its rows; with
+    `pool`, also read its first batch and submit that batch's encode."""
+    opened = OpenedUnit(UnitResult(source.label, unit))
+    try:
+        _open(cfg, source, tok, opened)
+        if pool is not None and opened.items is not None:
+            first = next(_batched(opened.items, cfg.shards.encode_batch_documents), None)
+            opened.first = submit_encode(pool, first, tok) if first else None
+    except Exception as exc:  # raised by tokenize_unit at the unit's turn, not in another's
+        if pool is None:
+            raise
+        opened.error = exc
+    return opened
+
+
+def _open(
+    cfg: DataPrepConfig, source: SourceConfig, tok: TextTokenizer, opened: OpenedUnit
+) -> None:
     out = Path(cfg.output_dir)
-    label = source.label
+    label, unit, result = source.label, opened.result.unit, opened.result
     frag_path = fragment_path(out, label, unit)
     fingerprint = output_fingerprint(cfg, source, tok)
-    result = UnitResult(label, unit)
-    t0 = time.perf_counter()
-
     state = read_json(frag_path) if frag_path.is_file() else None
     if state is not None:
         if state.get("tokenizer_sha256") != tok.hash:
@@ -139,12 +186,63 @@ def tokenize_unit(
         if state["complete"]:
             result.already_done = True
             _fill_totals(result, state)
-            return result
+            return
         result.resumed = state["rows_consumed"] > 0
     else:
         state = _new_state(source, unit, fingerprint, tok)
     _remove_stale_temporaries(out, label, unit)
+    start_row = state["rows_consumed"]
+    handle = open_source(source)
+    opened.state = state
+    opened.items = (it for it in handle.iter_unit(unit) if it.row >= start_row)
 
+
+def tokenize_unit(
+    cfg: DataPrepConfig,
+    source: SourceConfig,
+    unit: int,
+    tok: TextTokenizer,
+    decontam: NgramIndex | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    *,
+    encoder: Executor | None = None,
+    opened: OpenedUnit | None = None,
+    open_next: Callable[[], None] | None = None,
+) -> UnitResult:
+    """Tokenise one unit, resuming from its fragment if a previous run was killed.
+
+    `encoder`: a one-thread pool shared by the units of a task, with `opened` (this unit,
+    opened ahead by `open_unit` with that pool) and `open_next` (called when this unit's last
+    batch is submitted): the next unit opens and its first batch encodes while this one
+    writes its last shard, so the encoder does not wait at unit boundaries."""
+    if opened is None:
+        opened = open_unit(cfg, source, unit, tok)
+    if opened.error is not None:
+        raise opened.error
+    result = opened.result
+    if result.already_done:
+        return result
+    if encoder is None:
+        with ThreadPoolExecutor(1, thread_name_prefix="encode") as own:
+            return _tokenize_opened(cfg, source, tok, decontam, on_progress, own, opened, None)
+    return _tokenize_opened(cfg, source, tok, decontam, on_progress, encoder, opened, open_next)
+
+
+def _tokenize_opened(
+    cfg: DataPrepConfig,
+    source: SourceConfig,
+    tok: TextTokenizer,
+    decontam: NgramIndex | None,
+    on_progress: Callable[[int, int], None] | None,
+    encoder: Executor,
+    opened: OpenedUnit,
+    open_next: Callable[[], None] | None,
+) -> UnitResult:
+    out = Path(cfg.output_dir)
+    label, unit, result = source.label, opened.result.unit, opened.result
+    frag_path = fragment_path(out, label, unit)
+    state = opened.state
+    assert state is not None and opened.items is not None
     skipped = Counter(state["skipped"])
     writers: dict[str, ShardWriter] = {}
     start_row = state["rows_consumed"]
@@ -179,8 +277,6 @@ def tokenize_unit(
             )
         return writers[split]
 
-    handle = open_source(source)
-    items = (it for it in handle.iter_unit(unit) if it.row >= start_row)
     last_row = start_row - 1
     # Documents wait here per split and reach their writer in one add_batch per encode
     # batch (or earlier, when a shard fills): same bytes as one add() per document.
@@ -199,7 +295,15 @@ def tokenize_unit(
             pending_tokens[split] = 0
 
     try:
-        for batch, ids_of_docs in encoded_batches(items, cfg.shards.encode_batch_documents, tok):
+        batches = encoded_batches(
+            opened.items,
+            cfg.shards.encode_batch_documents,
+            tok,
+            encoder,
+            first=opened.first,
+            on_all_submitted=open_next,
+        )
+        for batch, ids_of_docs in batches:
             encoded = iter(ids_of_docs)
             batch_tokens = 0
             for item in batch:
@@ -230,7 +334,7 @@ def tokenize_unit(
             writer.abort()
         raise
     _fill_totals(result, state)
-    result.seconds = time.perf_counter() - t0
+    result.seconds = time.perf_counter() - opened.started
     return result
 
 

@@ -13,7 +13,10 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from data_prep.config import DataPrepConfig
 from data_prep.decontam import NgramIndex, build_index, iter_eval_texts
 from data_prep.loading import Document, open_source
 from data_prep.manifest import MANIFEST
-from data_prep.pack import UnitResult, tokenize_unit
+from data_prep.pack import OpenedUnit, UnitResult, open_unit, tokenize_unit
 from data_prep.tokenizer import (
     META_FILE,
     TextTokenizer,
@@ -160,6 +163,48 @@ def _worker_run(args: tuple[DataPrepConfig, int, int]) -> UnitResult:
     return tokenize_unit(cfg, cfg.sources[source_index], unit, _W_TOK, _W_DECONTAM)
 
 
+def tokenize_in_turn(
+    cfg: DataPrepConfig,
+    items: list[WorkItem],
+    tok: TextTokenizer,
+    decontam: NgramIndex | None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Iterator[UnitResult]:
+    """The units one after another in this process, with one encoder thread for all: while a
+    unit's last batch encodes, the next unit is opened and its first batch submitted, so the
+    encoder does not wait while a unit writes its last shard and the next file opens (~50 ms
+    per unit boundary, 5% of a 20,000-document bench pass in 5,000-document units)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+        opened: OpenedUnit | None = None
+        for i, item in enumerate(items):
+            ahead: list[OpenedUnit] = []
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            open_next = partial(_open_ahead, ahead, cfg, nxt, tok, encoder) if nxt else None
+            src = cfg.sources[item.source_index]
+            yield tokenize_unit(
+                cfg,
+                src,
+                item.unit,
+                tok,
+                decontam,
+                on_progress=on_progress,
+                encoder=encoder,
+                opened=opened,
+                open_next=open_next,
+            )
+            opened = ahead[0] if ahead else None
+
+
+def _open_ahead(
+    into: list[OpenedUnit],
+    cfg: DataPrepConfig,
+    item: WorkItem,
+    tok: TextTokenizer,
+    encoder: ThreadPoolExecutor,
+) -> None:
+    into.append(open_unit(cfg, cfg.sources[item.source_index], item.unit, tok, encoder))
+
+
 def run_tokenize_task(
     cfg: DataPrepConfig, task_index: int = 0, num_tasks: int = 1, workers: int | None = None
 ) -> dict:
@@ -181,10 +226,9 @@ def run_tokenize_task(
                 tokens_done[0] += tokens
 
             tokens_done = [0]
-            for item in items:
-                src = cfg.sources[item.source_index]
-                results.append(tokenize_unit(cfg, src, item.unit, tok, decontam, on_progress=tick))
-                say(unit_line(results[-1], len(results), len(items), time.perf_counter() - t0))
+            for res in tokenize_in_turn(cfg, items, tok, decontam, on_progress=tick):
+                results.append(res)
+                say(unit_line(res, len(results), len(items), time.perf_counter() - t0))
     else:
         decontam_path = None
         if decontam is not None:

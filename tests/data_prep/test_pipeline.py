@@ -461,3 +461,28 @@ def test_a_line_per_unit_with_rates_and_eta(reference, raw, tmp_path, capsys):
     assert found[-1][0].endswith("ETA 0s")
     run_tokenize_task(cfg)  # a rerun: every unit is already there
     assert capsys.readouterr().out.count(": already done; ETA") == 5
+
+
+def test_a_unit_that_fails_to_open_fails_at_its_turn(reference, tmp_path):
+    """Units are opened one ahead (the next file opens while the current unit's last batch
+    encodes). A file that cannot be read stops the task at its own turn, with its own error:
+    the unit before it is finished and recorded first, so a rerun only redoes what is left."""
+    src = tmp_path / "fw"
+    src.mkdir()
+    fixtures.write_fineweb_parquet(src, n_docs=40, seed=0, name="part-0.parquet")
+    (src / "part-1.parquet").write_bytes(b"not a parquet file at all")
+    cfg = DataPrepConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "sources": [{"source": "fineweb_edu", "data_files": str(src)}],
+            "tokenizer": {"kind": "pretrained", "path": str(reference / "tokenizer.json")},
+            "shards": {"max_tokens": 3000, "encode_batch_documents": 7},
+            "validation": {"fraction": 0.0, "num_sequences": 0, "seq_len": 8},
+        }
+    )
+    run_tokenizer_stage(cfg)
+    with pytest.raises(DataError, match="part-1.parquet"):
+        run_tokenize_task(cfg)
+    first = json.loads(next((tmp_path / "out" / "parts").rglob("u00000.json")).read_text())
+    assert first["complete"] and first["rows_consumed"] == 40
+    assert not list((tmp_path / "out" / "parts").rglob("u00001.json"))
