@@ -23,8 +23,8 @@ process's CPU time per step beside the wall time. Both sides run under the host-
 `python -m pretrain` uses on a CPU (pretrain/host_memory.py). Eager only, as the CPU grids run
 (`compile` is off by default); `--cpu-compile` adds ours with `compile=true`, stepped in turn
 with the other two (inductor's C++ build: tens of seconds per model at these shapes, in the
-case's `seconds`), and the floors then take the better of the two as on a GPU. `--smoke` only checks that the kit runs: its steps are too
-short to time.
+case's `seconds`), and the floors then take the better of the two as on a GPU. `--smoke` only
+checks that the kit runs: its steps are too short to time.
 
 Every case runs inside try/except (an OOM or a missing kernel is recorded, the rest runs); cases
 past `--budget-s` are recorded as skipped. Writes train_throughput.json into --out (or $OUT).

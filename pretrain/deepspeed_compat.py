@@ -281,38 +281,46 @@ def reduce_gradients_in_place(engine) -> bool:
         if opt._use_compact_grad_partition_buffer(i) or (params and opt._is_muon_group(params)):
             return False
 
-    buffers: dict[int, torch.Tensor] = {}
-
     def padding(flat: torch.Tensor, start: int, end: int) -> torch.Tensor:
         pad = flat.narrow(0, start, end - start)
-        pad.zero_()  # zero as in DeepSpeed's fresh padding (the clip scaled it in place)
         pad._zero_padding = True  # left out of the norm, as DeepSpeed's padding is
         return pad
 
+    # The layout once: per group a flat buffer kept for the run, the view of it each parameter's
+    # gradient goes to, and the padding between and after them.
+    layouts: list[tuple[GradPartitionBufferGroup, list, list[torch.Tensor]]] = []
+    for i, params in enumerate(opt.params_in_partition):
+        size = int(opt.partition_size[i])
+        device = opt.single_partition_of_fp32_groups[i].device  # where the master lives
+        flat = torch.zeros(size, dtype=opt.dtype, device=device)
+        views: list[torch.Tensor] = []
+        targets: list[tuple[nn.Parameter, torch.Tensor]] = []
+        pads: list[torch.Tensor] = []
+        end = 0
+        for p in params:
+            offset = int(opt.grad_partition_insertion_offset[i][0][opt.get_param_id(p)])
+            if offset > end:
+                pads.append(padding(flat, end, offset))
+                views.append(pads[-1])
+            targets.append((p, flat.narrow(0, offset, p.numel()).view(p.shape)))
+            views.append(targets[-1][1])
+            end = offset + p.numel()
+        if end < size:
+            pads.append(padding(flat, end, size))
+            views.append(pads[-1])
+        layouts.append((GradPartitionBufferGroup(views, flat), targets, pads))
+
     @torch.no_grad()
     def hand_over(pipeline_parallel: bool = False) -> None:
-        for i, params in enumerate(opt.params_in_partition):
-            size = int(opt.partition_size[i])
-            if i not in buffers:  # in the optimizer's gradient dtype, where its master lives
-                device = opt.single_partition_of_fp32_groups[i].device
-                buffers[i] = torch.zeros(size, dtype=opt.dtype, device=device)
-            flat = buffers[i]
-            views: list[torch.Tensor] = []
-            end = 0
-            for p in params:
-                offset = int(opt.grad_partition_insertion_offset[i][0][opt.get_param_id(p)])
-                if offset > end:
-                    views.append(padding(flat, end, offset))
-                view = flat.narrow(0, offset, p.numel()).view(p.shape)
+        for i, (group, targets, pads) in enumerate(layouts):
+            for p, view in targets:
                 if p.grad is None:  # a parameter the loss did not reach: DeepSpeed uses zeros
                     view.zero_()
                 else:
                     view.copy_(p.grad)
-                views.append(view)
-                end = offset + p.numel()
-            if end < size:
-                views.append(padding(flat, end, size))
-            opt.averaged_gradients[i] = GradPartitionBufferGroup(views, flat)
+            for pad in pads:  # zero as in DeepSpeed's fresh padding (the clip scaled it in place)
+                pad.zero_()
+            opt.averaged_gradients[i] = group
         # what DeepSpeed's epilogue leaves behind: no .grad, no bucket, the backward seen
         opt._clear_param_grad_only()
         opt._release_ipg_buffers()
